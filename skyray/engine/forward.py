@@ -1,0 +1,167 @@
+"""Our forward pass of ``SkyReelsV2Transformer3DModel`` for diffusion forcing.
+
+It runs the checkpoint's own modules (patch embedding, condition embedder, blocks' weights, output head) but owns
+the loop over blocks, for three reasons the stock ``forward`` cannot serve:
+
+- the per-frame modulation is broadcast over each frame's tokens instead of being materialised per token (the
+  stock forward builds a [B, 6, tokens, dim] fp32 tensor in every block: gigabytes at 540p);
+- batch > 1 works (the stock fps embedding broadcast breaks for two CFG branches in one batch), so conditional
+  and unconditional passes can share one forward;
+- sequence parallelism and the block-causal mask hook in here: tokens are sharded within each frame, so every
+  rank keeps whole frames' modulation and only self-attention communicates.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class SequenceShard(Protocol):
+    """What the forward needs from a sequence-parallel group (see ``engine.parallel``)."""
+
+    world: int
+    rank: int
+
+    def heads_to_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def sequence_to_heads(self, o: torch.Tensor) -> torch.Tensor: ...
+
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def causal_block_ids(prefix: int, new: int, suffix: int, causal_block_size: int) -> list[int]:
+    """Block index of every latent frame for the block-causal mask.
+
+    Prefix and new frames are grouped into blocks of ``causal_block_size`` counted separately (so a prefix that is
+    a whole number of blocks gives exactly the reference's ``frame // block`` ids); the suffix is one last block.
+    """
+    ids = [f // causal_block_size for f in range(prefix)]
+    first = (prefix + causal_block_size - 1) // causal_block_size
+    ids += [first + f // causal_block_size for f in range(new)]
+    if suffix:
+        last = (ids[-1] + 1) if ids else 0
+        ids += [last] * suffix
+    return ids
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Interleaved-pair rotation, computed in the rope buffers' precision exactly as the reference processor does.
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out.type_as(x)
+
+
+def _self_attention(attn, h, cos, sin, mask, shard: SequenceShard | None) -> torch.Tensor:
+    if getattr(attn, "fused_projections", False):
+        q, k, v = attn.to_qkv(h).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+    q, k = attn.norm_q(q), attn.norm_k(k)
+    q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    if shard is not None:
+        q, k, v = shard.heads_to_sequence(q, k, v)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    o = o.transpose(1, 2)
+    if shard is not None:
+        o = shard.sequence_to_heads(o)
+    o = o.flatten(2, 3).type_as(q)
+    return attn.to_out[1](attn.to_out[0](o))
+
+
+def _block(blk, x, ctx, mod, cos, sin, mask, frames: int, shard) -> torch.Tensor:
+    b, n, d = x.shape
+    hw = n // frames
+
+    def per_frame(t: torch.Tensor) -> torch.Tensor:
+        return t.view(b, frames, hw, d)
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(b, n, d)
+
+    e = blk.scale_shift_table.unsqueeze(2) + mod.float()  # [B, 6, F, D]
+    shift, scale, gate, c_shift, c_scale, c_gate = (t.unsqueeze(2) for t in e.unbind(1))  # [B, F, 1, D]
+
+    h = flat(per_frame(blk.norm1(x.float())) * (1 + scale) + shift).type_as(x)
+    a = _self_attention(blk.attn1, h, cos, sin, mask, shard)
+    x = flat(per_frame(x.float()) + per_frame(a) * gate).type_as(x)
+
+    h = blk.norm2(x.float()).type_as(x)
+    x = x + blk.attn2(h, ctx, None, None)
+
+    h = flat(per_frame(blk.norm3(x.float())) * (1 + c_scale) + c_shift).type_as(x)
+    f = blk.ffn(h)
+    return flat(per_frame(x.float()) + per_frame(f.float()) * c_gate).type_as(x)
+
+
+def df_forward(
+    model,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    text: torch.Tensor,
+    fps: int,
+    block_ids: list[int] | None = None,
+    shard: SequenceShard | None = None,
+) -> torch.Tensor:
+    """Velocity prediction for ``latents`` [B, C, F, H, W] at per-frame ``timesteps`` [B, F].
+
+    ``block_ids`` (one per latent frame) switches on the block-causal mask; ``shard`` runs this rank's slice of a
+    sequence-parallel group (each frame's tokens split evenly over the ranks) and returns the full output.
+    """
+    bsz, _, frames, height, width = latents.shape
+    p_t, p_h, p_w = model.config.patch_size
+    if p_t != 1:
+        raise ValueError("diffusion forcing needs a temporal patch size of 1 (one timestep per latent frame)")
+    pph, ppw = height // p_h, width // p_w
+    hw = pph * ppw
+
+    cos, sin = model.rope(latents)  # [1, F*hw, 1, head_dim]
+    x = model.patch_embedding(latents).flatten(2).transpose(1, 2)  # [B, F*hw, D]
+    temb, tproj, ctx, _ = model.condition_embedder(timesteps, text)  # [B, F, D], [B, F, 6D]
+    tproj = tproj.unflatten(-1, (6, -1))
+    if model.config.inject_sample_info:
+        # The checkpoints know two frame rates: 16 fps (flag 0) and everything else (flag 1).
+        flag = torch.full((bsz,), 0 if fps == 16 else 1, dtype=torch.long, device=latents.device)
+        fps_mod = model.fps_projection(model.fps_embedding(flag)).unflatten(1, (6, -1))  # [B, 6, D]
+        tproj = tproj + fps_mod.unsqueeze(1)
+    mod = tproj.transpose(1, 2)  # [B, 6, F, D]
+
+    order = torch.arange(frames * hw, device=latents.device) // hw  # frame of each token, attention order
+    if shard is not None:
+        if hw % shard.world:
+            raise ValueError(
+                f"sequence parallel degree {shard.world} must divide the {hw} tokens of each latent frame "
+                f"({height * 8}x{width * 8} pixels); choose a degree dividing {hw}"
+            )
+        local = hw // shard.world
+        sl = slice(shard.rank * local, (shard.rank + 1) * local)
+        x = x.view(bsz, frames, hw, -1)[:, :, sl].reshape(bsz, frames * local, -1)
+        cos = cos.view(1, frames, hw, 1, -1)[:, :, sl].reshape(1, frames * local, 1, -1)
+        sin = sin.view(1, frames, hw, 1, -1)[:, :, sl].reshape(1, frames * local, 1, -1)
+        # After the all-to-all each rank sees the sequence rank-major: rank 0's tokens, then rank 1's, ...
+        order = (torch.arange(frames * local, device=latents.device) // local).repeat(shard.world)
+        hw = local
+
+    mask = None
+    if block_ids is not None:
+        blocks = torch.tensor(block_ids, device=latents.device)[order]
+        mask = (blocks.unsqueeze(1) >= blocks.unsqueeze(0))[None, None]
+
+    for blk in model.blocks:
+        x = _block(blk, x, ctx, mod, cos, sin, mask, frames, shard)
+
+    shift, scale = (model.scale_shift_table.unsqueeze(2) + temb.unsqueeze(1)).chunk(2, dim=1)  # [B, 1, F, D]
+    shift, scale = shift.squeeze(1).unsqueeze(2), scale.squeeze(1).unsqueeze(2)
+    d = x.shape[-1]
+    x = (model.norm_out(x.float()).view(bsz, frames, hw, d) * (1 + scale) + shift).type_as(x)
+    x = model.proj_out(x)  # [B, F, hw, p*p*C]
+    if shard is not None:
+        x = shard.gather_tokens(x)
+    x = x.reshape(bsz, frames, pph, ppw, p_t, p_h, p_w, -1)
+    return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
