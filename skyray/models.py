@@ -213,8 +213,14 @@ def load(model: str, device: torch.device | str | None = None) -> Components:
     if model == TINY:
         comps = build_tiny()
         dt = dtypes_for(device)
-        comps.transformer.to(dt["transformer"])
-        comps.text_encoder.to(dt["text_encoder"])
+        if dt["transformer"] != torch.float32:
+            # Cast only what bf16 suits; rope, norms, time embedding and modulation tables stay fp32 as in
+            # diffusers' _keep_in_fp32_modules.
+            keep = tuple(comps.transformer._keep_in_fp32_modules)
+            for name, module in comps.transformer.named_modules():
+                if name and not any(k in name.split(".") for k in keep) and not list(module.children()):
+                    module.to(dt["transformer"])
+            comps.text_encoder.to(dt["text_encoder"])
         return comps.to(device)
     return load_folder(resolve_model_path(model), device)
 

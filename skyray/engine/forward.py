@@ -31,6 +31,9 @@ class SequenceShard(Protocol):
 
     def gather_tokens(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    # Optional: ``attention(q, k, v, mask) -> o`` on local [B, n, H, d] tensors replaces the all-to-all + SDPA
+    # (``engine.parallel.XFuserShard``: Ulysses + Ring attention).
+
 
 def causal_block_ids(prefix: int, new: int, suffix: int, causal_block_size: int) -> list[int]:
     """Block index of every latent frame for the block-causal mask.
@@ -65,12 +68,16 @@ def _self_attention(attn, h, cos, sin, mask, shard: SequenceShard | None) -> tor
     q, k = attn.norm_q(q), attn.norm_k(k)
     q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-    if shard is not None:
-        q, k, v = shard.heads_to_sequence(q, k, v)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    o = o.transpose(1, 2)
-    if shard is not None:
-        o = shard.sequence_to_heads(o)
+    attend = getattr(shard, "attention", None)
+    if attend is not None:  # a shard with its own distributed attention kernel (ring attention)
+        o = attend(q, k, v, mask)
+    else:
+        if shard is not None:
+            q, k, v = shard.heads_to_sequence(q, k, v)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        o = o.transpose(1, 2)
+        if shard is not None:
+            o = shard.sequence_to_heads(o)
     o = o.flatten(2, 3).type_as(q)
     return attn.to_out[1](attn.to_out[0](o))
 

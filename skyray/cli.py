@@ -1,0 +1,159 @@
+"""``skyray`` command line: render, plan, model, batch, serve, enhance."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _load_plan(path: str):
+    from skyray.plan import compile_plan
+    from skyray.storyboard import load_storyboard
+
+    sb = load_storyboard(path)
+    return sb, compile_plan(sb)
+
+
+def _progress(quiet: bool, total_windows: int):
+    if quiet:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    film = tqdm(total=total_windows, desc="film", unit="window", position=0, dynamic_ncols=True)
+    bars: dict[str, tqdm] = {}
+
+    def on_event(e: dict) -> None:
+        kind = e["type"]
+        if kind == "plan":
+            done = sum(1 for _ in e["reused"])
+            if done:
+                film.write(f"reusing {done} finished shot(s): {', '.join(e['reused'])}")
+        elif kind == "shot_start":
+            bars[e["shot"]] = tqdm(total=e["windows"], desc=f"shot {e['shot']}", unit="window", position=1,
+                                   leave=False, dynamic_ncols=True)
+        elif kind == "window":
+            film.update(1)
+            if e["shot"] in bars:
+                bars[e["shot"]].update(1)
+        elif kind == "shot_done":
+            bar = bars.pop(e["shot"], None)
+            if bar is not None:
+                bar.close()
+            film.write(f"shot {e['shot']}: {e['frames']} frames -> {e['path']}")
+        elif kind == "retry":
+            film.write(f"retrying shot {e['shot']} window {e['window']} on group {e['group']}: {e['error']}")
+
+    def close() -> None:
+        for b in bars.values():
+            b.close()
+        film.close()
+
+    return on_event, close
+
+
+def cmd_plan(args) -> int:
+    from skyray.plan import format_plan
+
+    _, plan = _load_plan(args.storyboard)
+    print(format_plan(plan, mfu=args.mfu))
+    return 0
+
+
+def make_executor(args, storyboard):
+    kind = args.executor
+    if kind == "local":
+        from skyray.executors.local import LocalExecutor
+
+        return LocalExecutor(storyboard.model, args.device)
+    from skyray.executors.ray import RayExecutor
+
+    cluster = storyboard.cluster
+    groups = args.groups or (cluster.groups if cluster else 1)
+    gpus = args.gpus_per_group or (cluster.gpus_per_group if cluster else 1)
+    return RayExecutor(storyboard.model, groups=groups, gpus_per_group=gpus, address=args.address,
+                       parallel=storyboard.parallel)
+
+
+def cmd_render(args) -> int:
+    from skyray.plan import format_plan
+    from skyray.render import render_film
+
+    sb, plan = _load_plan(args.storyboard)  # everything is validated before a model loads or a file is written
+    if args.dry_run:
+        print(format_plan(plan))
+        return 0
+    out = Path(args.out or Path("renders") / Path(args.storyboard).stem)
+    executor = make_executor(args, sb)
+    on_event, close = _progress(args.quiet, sum(len(s.windows) for s in plan.shots))
+    try:
+        manifest = render_film(plan, out, executor, save_latents=args.save_latents, on_event=on_event)
+    finally:
+        close()
+        executor.shutdown()
+    if not args.quiet:
+        print(f"film: {out / manifest['film']['path']} ({manifest['film']['frames']} frames at {plan.fps} fps)")
+    return 0
+
+
+def cmd_model(args) -> int:
+    from skyray import models
+
+    if args.action == "export":
+        comps = models.load(args.model, "cpu")
+        path = models.export(comps, args.dir)
+        print(f"wrote {args.model} as a diffusers folder: {path}")
+        return 0
+    if args.action == "info":
+        fam = models.family_of(args.model)
+        print(f"{args.model}: family {fam.name}, {fam.heads} heads x {fam.head_dim}, {fam.layers} layers")
+        return 0
+    raise SystemExit(f"unknown model action {args.action!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="skyray", description="Render long multi-shot films with SkyReels-V2.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("render", help="render a storyboard to an encoded film")
+    r.add_argument("storyboard")
+    r.add_argument("--out", help="output folder (default: renders/<storyboard name>)")
+    r.add_argument("--executor", choices=["local", "ray"], default="ray")
+    r.add_argument("--address", help="Ray address ('auto', 'ray://host:10001'); default: start a local Ray")
+    r.add_argument("--groups", type=int, help="GPU groups (model replicas)")
+    r.add_argument("--gpus-per-group", type=int, help="GPUs per group (sequence/CFG parallel inside a group)")
+    r.add_argument("--device", help="torch device for the local executor (default: cuda if available)")
+    r.add_argument("--save-latents", action="store_true", help="also write shots/<id>.safetensors")
+    r.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_render)
+
+    pl = sub.add_parser("plan", help="print the render plan of a storyboard")
+    pl.add_argument("storyboard")
+    pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for GPU-seconds")
+    pl.set_defaults(func=cmd_plan)
+
+    m = sub.add_parser("model", help="model utilities")
+    m.add_argument("action", choices=["export", "info"])
+    m.add_argument("model", help="'tiny', a diffusers folder or a hub id")
+    m.add_argument("dir", nargs="?", help="output folder (export)")
+    m.set_defaults(func=cmd_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from skyray.storyboard import StoryboardError
+
+    try:
+        return args.func(args)
+    except StoryboardError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

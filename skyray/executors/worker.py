@@ -1,0 +1,122 @@
+"""The worker: one model replica that renders windows and decodes shots.
+
+The same class runs in-process (``executors.local``) and inside Ray actors (``executors.ray``); the driver only
+sends it small ``WindowJob`` records plus the previous window's ``Handoff``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from skyray.engine.conditioning import encode_image, encode_video_tail
+from skyray.engine.sampler import NoisePredictor, SamplerConfig, denoise_window
+from skyray.engine.schedule import WindowShape
+from skyray.engine.text import PromptCache
+
+
+@dataclass(frozen=True)
+class WindowJob:
+    """Everything a worker needs to render one window (no tensors: cheap to send anywhere)."""
+
+    shot_id: str
+    window: WindowShape
+    windows: int
+    prompt: str
+    negative_prompt: str
+    sampler: SamplerConfig
+    seed: int
+    height: int
+    width: int
+    handoff_latents: int
+    image: str | None = None  # first window of an I2V shot
+    end_image: str | None = None  # last window of a shot with end-frame control
+    video: str | None = None  # first window of a video extension
+    overlap_history: int = 17
+
+
+@dataclass
+class Handoff:
+    """What one window passes to the next: its tail latents and the shot's RNG state after it."""
+
+    tail: torch.Tensor | None
+    rng_state: torch.Tensor | None
+
+
+@dataclass
+class WindowOutput:
+    shot_id: str
+    index: int
+    latents: torch.Tensor  # [1, 16, n, h, w] fp32 CPU: latents this window adds to the shot (I2V: image first)
+    handoff: Handoff
+    warm: torch.Tensor | None = None  # clean latents to prime the decoder with (video extension)
+    seconds: float = 0.0
+    forwards: int = 0
+    worker: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+class Worker:
+    """Holds a loaded model; ``render_window`` is pure given (job, handoff)."""
+
+    def __init__(self, model: str, device: str | None = None, parallel=None, name: str = "local") -> None:
+        from skyray import models
+
+        self.components = models.load(model, device)
+        self.prompts = PromptCache(self.components.tokenizer, self.components.text_encoder)
+        self.parallel = parallel
+        self.name = name
+        self._schedulers: dict[float, object] = {}
+
+    def _scheduler(self, shift: float):
+        if shift not in self._schedulers:
+            self._schedulers[shift] = self.components.scheduler_for(shift)
+        return self._schedulers[shift]
+
+    @torch.no_grad()
+    def render_window(self, job: WindowJob, handoff: Handoff | None) -> WindowOutput:
+        t0 = time.perf_counter()
+        c = self.components
+        cfg = job.sampler
+        w = job.window
+        h, wl = job.height // 8, job.width // 8
+        gen = torch.Generator("cpu")
+        if handoff is not None and handoff.rng_state is not None and w.index > 0:
+            gen.set_state(handoff.rng_state)
+        else:
+            gen.manual_seed(job.seed)
+
+        lead: torch.Tensor | None = None  # latents of this shot that precede the window's new ones
+        warm = None
+        prefix = None
+        if w.prefix:
+            if w.index == 0 and job.image:
+                prefix = lead = encode_image(c.vae, job.image, job.height, job.width)
+            elif w.index == 0 and job.video:
+                prefix = warm = encode_video_tail(c.vae, job.video, job.overlap_history, w.prefix, job.height, job.width)
+            else:
+                if handoff is None or handoff.tail is None:
+                    raise ValueError(f"shot {job.shot_id!r} window {w.index} needs {w.prefix} handed-off latents")
+                prefix = handoff.tail[:, :, -w.prefix :]
+        suffix = encode_image(c.vae, job.end_image, job.height, job.width) if w.suffix else None
+
+        text = self.prompts.embeds(job.prompt, job.negative_prompt, cfg.guidance)
+        predict = NoisePredictor(c.transformer, cfg, self.parallel)
+        out = denoise_window(predict, self._scheduler(cfg.shift), text, w, (h, wl), gen, prefix=prefix, suffix=suffix)
+        body = out[:, :, : w.prefix + w.new].float().cpu()
+        new = body[:, :, w.prefix :]
+        if lead is not None:
+            new = torch.cat([lead.float().cpu(), new], dim=2)
+        tail = body[:, :, -job.handoff_latents :].clone() if job.handoff_latents else None
+        return WindowOutput(
+            job.shot_id,
+            w.index,
+            new.contiguous(),
+            Handoff(tail, gen.get_state()),
+            warm=None if warm is None else warm.float().cpu(),
+            seconds=time.perf_counter() - t0,
+            forwards=predict.forwards,
+            worker=self.name,
+        )

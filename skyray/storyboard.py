@@ -1,0 +1,812 @@
+"""The storyboard: a film as YAML (or JSON), validated before any model is loaded.
+
+A storyboard is a list of shots.  A shot either *cuts* (starts fresh, optionally from a first-frame image) or
+*continues* the final latents of another shot (``continue: true`` for the previous one, ``continue_from: <id>``
+for any other), or *extends* a video clip.  Every error names the YAML line it comes from, the shot and the field,
+and says what would be valid, so a typo costs seconds instead of a model load.
+
+Loading is two passes: pydantic checks types and unknown fields, then :func:`_resolve` checks what spans fields and
+shots (the frame grid, references, files) and fills in what the plan needs (seeds, absolute paths, snapped frame
+counts).  Only a resolved storyboard can be planned.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from skyray.engine import schedule
+
+SHOT_ID = re.compile(r"[A-Za-z0-9_-]+")
+RESOLUTIONS = {"540p": (544, 960), "720p": (720, 1280)}  # (height, width)
+# The reference CLI caps addnoise_condition at 50; much beyond that the prefix is too noisy to hold a shot together.
+ADDNOISE_WARN = 60
+MAX_SEED = 2**63
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem in a storyboard, located as precisely as the YAML allows."""
+
+    source: str
+    line: int | None
+    column: int | None
+    shot: str | None  # "shot 'harbor'" or "shots[3]" when the id itself is unusable
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line else self.source
+        what = " ".join(p for p in (self.shot, f"field '{self.field}'" if self.field else None) if p)
+        return f"{where}: {what}: {self.message}" if what else f"{where}: {self.message}"
+
+
+class StoryboardError(ValueError):
+    """A storyboard that cannot be rendered; ``issues`` lists every problem found, one line each."""
+
+    def __init__(self, issues: list[Issue]):
+        self.issues = sorted(issues, key=lambda i: i.line or 0)
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+@dataclass
+class _Node:
+    """Line and column (1-based) of a YAML node, its keys and its children: a map from pydantic ``loc`` to lines."""
+
+    line: int
+    column: int
+    end_line: int
+    keys: dict[Any, tuple[int, int]] = field(default_factory=dict)
+    children: dict[Any, _Node] = field(default_factory=dict)  # by mapping key or sequence index
+
+
+# ------------------------------------------------------------------------------------------------------- schema
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+
+def _check_grid_setting(value: int | None, name: str) -> int | None:
+    if value is not None and (value - 1) % schedule.TEMPORAL_STRIDE:
+        lo = (value - 1) // 4 * 4 + 1
+        raise ValueError(
+            f"{name} must be 4k+1 frames (one latent per 4 frames plus the first), got {value} (try {lo} or {lo + 4})"
+        )
+    return value
+
+
+class Defaults(_Model):
+    """Sampling settings every shot inherits; each can be overridden on the shot itself."""
+
+    steps: int = Field(30, ge=1)
+    """Denoising steps per window."""
+    guidance_scale: float = Field(6.0, ge=0)
+    """Classifier-free guidance; above 1 every schedule row runs the model twice."""
+    shift: float = Field(8.0, gt=0)
+    """Flow shift of the UniPC scheduler (the reference uses 8 for text-to-video, 5 for image-to-video)."""
+    base_num_frames: int = Field(97, ge=5)
+    """Frames the model sees at once (a window, prefix included): 97 at 540p, 121 at 720p."""
+    overlap_history: int = Field(17, ge=1)
+    """Frames handed from one window (or shot) to the next as clean prefix."""
+    addnoise_condition: float = Field(20.0, ge=0, le=1000)
+    """Noise mixed into the prefix copy the model sees (0..1000); steadies long videos, >60 loses detail."""
+    ar_step: int = Field(0, ge=0)
+    """0: synchronous diffusion forcing; >0: each causal block lags its predecessor by this many steps."""
+    causal_block_size: int = Field(1, ge=1)
+    """Latents per causal block (the reference uses 5 with ar_step 5)."""
+    causal_attention: bool = False
+    """Block-causal attention mask (the released weights were not trained with it)."""
+    negative_prompt: str = ""
+    enhance: bool = False
+    """Rewrite the prompts with the prompt enhancer before encoding."""
+
+    @field_validator("base_num_frames", "overlap_history")
+    @classmethod
+    def _grid(cls, v: int, info: Any) -> int:
+        return _check_grid_setting(v, info.field_name)
+
+
+SAMPLING_FIELDS: tuple[str, ...] = tuple(Defaults.model_fields)
+
+
+class Transition(_Model):
+    fade: float = Field(ge=0)
+    """Seconds of fade into this shot (cuts only)."""
+
+
+class Shot(_Model):
+    """One shot.  Unset sampling fields fall back to the film's ``defaults``."""
+
+    id: str
+    """Unique name; becomes a file name, so letters, digits, '_' and '-' only."""
+    prompt: list[str] = Field(min_length=1)
+    """A prompt, or one prompt per window ("prompt travel"; the last one holds for any further windows)."""
+    frames: int | None = Field(None, ge=1)
+    """Frames this shot adds to the film: 4k+1 for a fresh shot, a multiple of 4 for a continuation or extension."""
+    duration: float | None = Field(None, gt=0)
+    """Seconds instead of ``frames``; snapped to the frame grid."""
+    seed: int | None = Field(None, ge=0, lt=MAX_SEED)
+    """Default: the film seed plus the shot's index (from 0)."""
+    image: str | None = None
+    """First frame (a fresh shot that starts from a picture)."""
+    end_image: str | None = None
+    """Last frame the shot should arrive at."""
+    video: str | None = None
+    """A clip to extend: its last frames become the prefix."""
+    continue_: bool = Field(False, alias="continue")
+    """Start from the previous shot's final latents."""
+    continue_from: str | None = None
+    """Start from the final latents of the named shot."""
+    transition: Transition | None = None
+
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0)
+    shift: float | None = Field(None, gt=0)
+    base_num_frames: int | None = Field(None, ge=5)
+    overlap_history: int | None = Field(None, ge=1)
+    addnoise_condition: float | None = Field(None, ge=0, le=1000)
+    ar_step: int | None = Field(None, ge=0)
+    causal_block_size: int | None = Field(None, ge=1)
+    causal_attention: bool | None = None
+    negative_prompt: str | None = None
+    enhance: bool | None = None
+
+    _frames: int | None = PrivateAttr(None)
+    _video_frames: int | None = PrivateAttr(None)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("base_num_frames", "overlap_history")
+    @classmethod
+    def _grid(cls, v: int | None, info: Any) -> int | None:
+        return _check_grid_setting(v, info.field_name)
+
+    @property
+    def continues(self) -> bool:
+        return self.continue_ or self.continue_from is not None
+
+    @property
+    def fresh(self) -> bool:
+        """Starts from nothing (or a first-frame image): its frame count is 4k+1."""
+        return not self.continues and self.video is None
+
+    @property
+    def frame_count(self) -> int:
+        """Frames this shot adds (``frames``, or ``duration`` snapped to the grid)."""
+        if self._frames is None:
+            raise RuntimeError("storyboard not resolved: build it with load_storyboard or parse_storyboard")
+        return self._frames
+
+    @property
+    def video_frames(self) -> int | None:
+        """Frames of the clip to extend, counted when the storyboard was loaded."""
+        return self._video_frames
+
+
+class Cluster(_Model):
+    groups: int = Field(1, ge=1)
+    """Model replicas rendering chains in parallel."""
+    gpus_per_group: int = Field(1, ge=1)
+    """GPUs sharing one replica (sequence / CFG parallel)."""
+
+
+class Parallel(_Model):
+    ulysses: int | None = Field(None, ge=1)
+    """Ulysses sequence-parallel degree (None: choose from the group size)."""
+    ring: int = Field(1, ge=1)
+    cfg: bool | None = None
+    """Run the conditional and unconditional passes on different GPUs (None: when the group allows)."""
+
+
+class Enhancer(_Model):
+    model: str | None = None
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    seed: int | None = None
+
+
+class Storyboard(_Model):
+    """A film: settings, defaults for every shot, and the shots in the order they are edited together."""
+
+    title: str
+    model: str = "tiny"
+    """'tiny' (built in), a diffusers folder, or a hub id such as Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers."""
+    resolution: str = "540p"
+    """'540p' (544x960), '720p' (720x1280) or 'WxH' (width x height, both multiples of 16)."""
+    fps: int = Field(24, ge=1)
+    seed: int = Field(0, ge=0, lt=MAX_SEED)
+    defaults: Defaults = Field(default_factory=Defaults)
+    cluster: Cluster | None = None
+    parallel: Parallel | None = None
+    enhancer: Enhancer | None = None
+    shots: list[Shot] = Field(min_length=1)
+
+    _source: str = PrivateAttr("<string>")
+    _lines: _Node | None = PrivateAttr(None)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+    _resolved: bool = PrivateAttr(False)
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, v: str) -> str:
+        parse_resolution(v)
+        return v
+
+    @property
+    def height(self) -> int:
+        return parse_resolution(self.resolution)[0]
+
+    @property
+    def width(self) -> int:
+        return parse_resolution(self.resolution)[1]
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def resolved(self) -> bool:
+        return self._resolved
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Things that render but are probably not meant (one line each, located like errors)."""
+        return tuple(self._warnings)
+
+    def setting(self, index: int, name: str) -> Any:
+        """Shot ``index``'s value of the sampling field ``name`` (its override, else the film default)."""
+        value = getattr(self.shots[index], name)
+        return getattr(self.defaults, name) if value is None else value
+
+    def setting_loc(self, index: int, name: str) -> tuple[Any, ...]:
+        """Where shot ``index``'s value of ``name`` was written (the shot, or ``defaults``)."""
+        if getattr(self.shots[index], name) is not None:
+            return ("shots", index, name)
+        return ("defaults", name)
+
+    def continued_index(self, index: int) -> int | None:
+        """Index of the shot whose final latents open shot ``index`` (None for a cut or a video extension)."""
+        shot = self.shots[index]
+        if shot.continue_:
+            return index - 1
+        if shot.continue_from is not None:
+            return next(i for i, s in enumerate(self.shots) if s.id == shot.continue_from)
+        return None
+
+    def canonical_json(self) -> str:
+        """The resolved storyboard as compact, key-sorted JSON (what the storyboard hash is taken of)."""
+        data = self.model_dump(mode="json", by_alias=True)
+        for shot, raw in zip(self.shots, data["shots"]):
+            raw["frames"] = shot._frames if self._resolved else raw["frames"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    def error(self, loc: tuple[Any, ...], message: str) -> StoryboardError:
+        """A :class:`StoryboardError` located at ``loc`` (a path into the YAML, e.g. ``("shots", 2, "prompt")``)."""
+        return StoryboardError([_issue(self._source, self._lines, loc, message, self._shot_ids())])
+
+    def _shot_ids(self) -> list[Any]:
+        return [s.id for s in self.shots]
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """``'540p'``, ``'720p'`` or ``'WxH'`` -> (height, width)."""
+    if text in RESOLUTIONS:
+        return RESOLUTIONS[text]
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m:
+        raise ValueError(f"resolution {text!r} is not '540p', '720p' or 'WxH' (width x height, e.g. '960x544')")
+    width, height = int(m[1]), int(m[2])
+    if width < 16 or height < 16 or width % 16 or height % 16:
+
+        def near(v: int) -> str:
+            lo = max(16, v // 16 * 16)
+            return f"{lo}" if lo == v or v < 16 else f"{lo} or {lo + 16}"
+
+        raise ValueError(
+            f"resolution {text!r}: width and height must be positive multiples of 16 "
+            f"(the VAE downsamples by 8 and the transformer patches by 2); try width {near(width)}, height {near(height)}"
+        )
+    return height, width
+
+
+def snap_duration(seconds: float, fps: int, fresh: bool, min_frames: int = 1) -> int:
+    """Frames closest to ``seconds`` on the grid: 4k+1 for a fresh shot, a multiple of 4 for a continuation."""
+    x = seconds * fps
+    if fresh:
+        return max(min_frames, 4 * math.floor((x - 1) / 4 + 0.5) + 1)
+    return max(4, 4 * math.floor(x / 4 + 0.5))
+
+
+def video_prefix_latents(video_frames: int, overlap_history: int, causal_block_size: int) -> int:
+    """Clean latents a clip opens its extension with: its last ``overlap_history`` frames, in whole blocks."""
+    if video_frames < 1:
+        raise ValueError("the clip has no frames")
+    usable = (video_frames - 1) // 4 * 4 + 1
+    return schedule.prefix_latents(min(overlap_history, usable), causal_block_size)
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+
+
+def load_storyboard(path: str | Path) -> Storyboard:
+    """Read, validate and resolve a storyboard file (YAML or JSON); relative paths resolve against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise StoryboardError(
+            [Issue(str(path), None, None, None, None, f"cannot read storyboard: {exc.strerror}")]
+        ) from None
+    return parse_storyboard(text, path.parent, source_name=str(path))
+
+
+def parse_storyboard(text: str, base_dir: str | Path, source_name: str = "<string>") -> Storyboard:
+    """Validate and resolve a storyboard given as YAML or JSON text."""
+    try:
+        node, data, duplicates = _compose(text)
+    except yaml.MarkedYAMLError as exc:
+        try:
+            json.loads(text)
+        except ValueError:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark else None
+            column = mark.column + 1 if mark else None
+            detail = " ".join(p for p in (exc.context, exc.problem) if p)
+            raise StoryboardError([Issue(source_name, line, column, None, None, f"not valid YAML: {detail}")]) from None
+        # Valid JSON that YAML rejects is JSON indented with tabs; JSON strings cannot hold a raw tab, so
+        # spaces in their place change nothing but let YAML keep the line numbers.
+        node, data, duplicates = _compose(text.replace("\t", " "))
+    lines = _node_lines(node) if node is not None else None
+    issues = []
+    for key, first, line, col in duplicates:
+        shot = _shot_at_line(lines, line)
+        loc = ("shots", shot, key) if shot is not None else (key,)
+        message = f"'{key}' appears twice in one mapping (first on line {first}); YAML would keep only the last"
+        issues.append(_issue(source_name, lines, loc, message, _raw_ids(data), line=line, column=col))
+    if issues:
+        raise StoryboardError(issues)
+    return storyboard_from_data(data, base_dir, source_name, _lines=lines)
+
+
+def _compose(text: str) -> tuple[yaml.Node | None, Any, list[tuple[str, int, int, int]]]:
+    loader = _LineLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return node, data, loader.duplicates
+
+
+def storyboard_from_data(
+    data: Any, base_dir: str | Path, source_name: str = "<data>", *, _lines: _Node | None = None
+) -> Storyboard:
+    """Validate and resolve an already-parsed storyboard (a dict as from ``yaml.safe_load`` or ``json.loads``)."""
+    if not isinstance(data, dict):
+        raise StoryboardError(
+            [
+                Issue(
+                    source_name,
+                    1,
+                    1,
+                    None,
+                    None,
+                    "a storyboard is a mapping with 'title', 'shots' and optional film settings, "
+                    f"got {type(data).__name__}",
+                )
+            ]
+        )
+    try:
+        sb = Storyboard.model_validate(data)
+    except ValidationError as exc:
+        raise StoryboardError(_pydantic_issues(exc, data, _lines, source_name)) from None
+    sb._source = source_name
+    sb._lines = _lines
+    _resolve(sb, Path(base_dir).expanduser())
+    return sb
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A SafeLoader that also reports keys repeated within one mapping (plain YAML keeps the last silently)."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.duplicates: list[tuple[str, int, int, int]] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[str, int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in seen:
+                    self.duplicates.append(
+                        (key.value, seen[key.value], key.start_mark.line + 1, key.start_mark.column + 1)
+                    )
+                else:
+                    seen[key.value] = key.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _node_lines(node: yaml.Node) -> _Node:
+    out = _Node(node.start_mark.line + 1, node.start_mark.column + 1, node.end_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            out.keys[name] = (key.start_mark.line + 1, key.start_mark.column + 1)
+            out.children[name] = _node_lines(value)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            out.children[i] = _node_lines(value)
+    return out
+
+
+def _position(lines: _Node | None, loc: tuple[Any, ...]) -> tuple[int | None, int | None]:
+    """The deepest written position along ``loc``: a key's own line, else its enclosing mapping's."""
+    if lines is None:
+        return None, None
+    node, pos = lines, (lines.line, lines.column)
+    for part in loc:
+        child = node.children.get(part)
+        if child is None:
+            break
+        pos = node.keys.get(part, (child.line, child.column))
+        node = child
+    return pos
+
+
+def _shot_at_line(lines: _Node | None, line: int) -> int | None:
+    shots = lines.children.get("shots") if lines else None
+    if shots is None or not shots.line <= line <= shots.end_line:
+        return None
+    starts = [(n.line, i) for i, n in shots.children.items() if n.line <= line]
+    return max(starts)[1] if starts else None
+
+
+def _raw_ids(data: Any) -> list[Any]:
+    shots = data.get("shots") if isinstance(data, dict) else None
+    return [s.get("id") if isinstance(s, dict) else None for s in shots] if isinstance(shots, list) else []
+
+
+def _shot_label(index: int, ids: list[Any]) -> str:
+    sid = ids[index] if index < len(ids) else None
+    unique = isinstance(sid, str) and SHOT_ID.fullmatch(sid) and ids.count(sid) == 1
+    return f"shot '{sid}'" if unique else f"shots[{index}]"
+
+
+def _issue(
+    source: str,
+    lines: _Node | None,
+    loc: tuple[Any, ...],
+    message: str,
+    ids: list[Any],
+    *,
+    line: int | None = None,
+    column: int | None = None,
+) -> Issue:
+    if line is None:
+        line, column = _position(lines, loc)
+    shot, rest = None, loc
+    if len(loc) >= 2 and loc[0] == "shots" and isinstance(loc[1], int):
+        shot, rest = loc[1], loc[2:]
+    name = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest).lstrip(".") or None
+    label = _shot_label(shot, ids) if shot is not None else None
+    return Issue(source, line, column, label, name, message)
+
+
+# -------------------------------------------------------------------------------------------- pydantic errors
+
+
+def _field_names(model: type[BaseModel]) -> dict[str, Any]:
+    return {(f.alias or name): f for name, f in model.model_fields.items()}
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            inner = _inner_model(arg)
+            if inner is not None:
+                return inner
+    return None
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    model: type[BaseModel] = Storyboard
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        f = _field_names(model).get(part)
+        inner = _inner_model(f.annotation) if f is not None else None
+        if inner is None:
+            break
+        model = inner
+    return model
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _pydantic_message(err: Any) -> str:
+    kind, loc, value = err["type"], err["loc"], err.get("input")
+    if kind == "extra_forbidden":
+        known = list(_field_names(_model_at(loc[:-1])))
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"unknown field '{loc[-1]}' ({hint}known fields: {', '.join(known)})"
+    if kind == "missing":
+        if loc and loc[-1] == "prompt":
+            return "required: a prompt, or a list of prompts (one per window)"
+        return "required field is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "list_type" and loc and loc[-1] == "prompt":
+        msg = "expected a prompt (a string) or a list of prompts"
+    if kind.endswith("_type") or kind in (
+        "greater_than_equal",
+        "greater_than",
+        "less_than",
+        "less_than_equal",
+        "too_short",
+        "int_from_float",
+        "literal_error",
+    ):
+        return f"{msg[0].lower()}{msg[1:]}, got {_describe(value)}"
+    return msg
+
+
+def _pydantic_issues(exc: ValidationError, data: Any, lines: _Node | None, source: str) -> list[Issue]:
+    ids, issues, seen = _raw_ids(data), [], set()
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        issue = _issue(source, lines, loc, _pydantic_message(err), ids)
+        if (issue.shot, issue.field) not in seen:  # a union reports each alternative; one line is enough
+            seen.add((issue.shot, issue.field))
+            issues.append(issue)
+    return issues
+
+
+# ----------------------------------------------------------------------------------------------------- resolve
+
+
+def _resolve(sb: Storyboard, base_dir: Path) -> None:
+    """Check what spans fields and shots, fill in seeds, absolute paths and frame counts; raise every problem."""
+    issues: list[Issue] = []
+    reported: set[tuple[Any, ...]] = set()
+    ids = sb._shot_ids()
+
+    def add(loc: tuple[Any, ...], message: str) -> None:
+        if (loc, message) not in reported:
+            reported.add((loc, message))
+            issues.append(_issue(sb._source, sb._lines, loc, message, ids))
+
+    def warn(loc: tuple[Any, ...], message: str) -> None:
+        text = str(_issue(sb._source, sb._lines, loc, message, ids))
+        if text not in sb._warnings:
+            sb._warnings.append(text)
+
+    if sb.model != "tiny":
+        local = (base_dir / sb.model).expanduser()
+        if local.exists():
+            sb.model = str(local.resolve())
+
+    first_use: dict[str, int] = {}
+    for i, shot in enumerate(sb.shots):
+        if not SHOT_ID.fullmatch(shot.id):
+            add(
+                ("shots", i, "id"),
+                f"{shot.id!r} is not a valid id: use letters, digits, '_' and '-' only (it becomes a file name)",
+            )
+        elif shot.id in first_use:
+            j = first_use[shot.id]
+            line = _position(sb._lines, ("shots", j, "id"))[0]
+            add(
+                ("shots", i, "id"),
+                f"duplicate id {shot.id!r}, already used by shots[{j}]"
+                + (f" on line {line}" if line else "")
+                + "; ids must be unique",
+            )
+        else:
+            first_use[shot.id] = i
+
+    for i, shot in enumerate(sb.shots):
+        here = ("shots", i)
+        if shot.seed is None:
+            shot.seed = (sb.seed + i) % MAX_SEED
+        _check_links(sb, i, first_use, add)
+        _check_settings(sb, i, add, warn)
+        for name in ("image", "end_image", "video"):
+            raw = getattr(shot, name)
+            if raw is not None:
+                path = _check_file(sb, i, name, base_dir, add)
+                setattr(shot, name, str(path) if path else raw)
+        _check_frames(sb, i, add)
+        if shot.transition is not None:
+            if shot.continues:
+                add(
+                    here + ("transition",),
+                    "a transition is only allowed on a cut; this shot continues "
+                    f"{shot.continue_from or 'the previous shot'!r} (remove 'transition', or "
+                    "make the shot a cut)",
+                )
+            elif shot._frames and shot.transition.fade > shot._frames / sb.fps:
+                add(
+                    here + ("transition", "fade"),
+                    f"a fade of {shot.transition.fade} s is longer than the shot ({shot._frames / sb.fps:.3g} s)",
+                )
+    _check_cycles(sb, add)
+    if issues:
+        raise StoryboardError(issues)
+    sb._resolved = True
+
+
+def _check_links(sb: Storyboard, i: int, first_use: dict[str, int], add: Any) -> None:
+    shot, here = sb.shots[i], ("shots", i)
+    if shot.continue_ and shot.continue_from is not None:
+        add(
+            here + ("continue_from",),
+            "use either 'continue: true' (the previous shot) or 'continue_from: <id>', not both",
+        )
+    elif shot.continue_ and i == 0:
+        add(
+            here + ("continue",),
+            "the first shot has no previous shot to continue; remove 'continue' or name a shot with 'continue_from'",
+        )
+    elif shot.continue_from is not None:
+        if shot.continue_from == shot.id:
+            add(here + ("continue_from",), "a shot cannot continue itself; name another shot's id")
+        elif shot.continue_from not in first_use:
+            close = difflib.get_close_matches(shot.continue_from, list(first_use), n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            add(here + ("continue_from",), f"no shot has id {shot.continue_from!r} ({hint}ids: {', '.join(first_use)})")
+    if shot.image is not None and shot.continues:
+        add(
+            here + ("image",),
+            "a first-frame image cannot open a shot that continues another; drop 'image', or "
+            "drop 'continue'/'continue_from' to start fresh from the image",
+        )
+    if shot.image is not None and shot.video is not None:
+        add(here + ("image",), "a shot extends either a video or an image, not both; drop one")
+    if shot.video is not None and shot.continues:
+        add(
+            here + ("video",),
+            "a shot extends either a video or another shot, not both; drop 'video' or 'continue'/'continue_from'",
+        )
+
+
+def _check_settings(sb: Storyboard, i: int, add: Any, warn: Any) -> None:
+    base = schedule.latent_frames(sb.setting(i, "base_num_frames"))
+    overlap, block = sb.setting(i, "overlap_history"), sb.setting(i, "causal_block_size")
+    # Blame the shot's own override if it has one, else the film default.
+    locs = [sb.setting_loc(i, n) for n in ("overlap_history", "causal_block_size", "base_num_frames")]
+    where = next((loc for loc in locs if loc[0] == "shots"), locs[0])
+    try:
+        handoff = schedule.prefix_latents(overlap, block)
+    except ValueError as exc:
+        add(where, str(exc))
+    else:
+        if handoff >= base:
+            add(
+                where,
+                f"overlap_history {overlap} hands over {handoff} latents, which leaves no room in a window of "
+                f"base_num_frames {sb.setting(i, 'base_num_frames')} ({base} latents); lower overlap_history "
+                "or raise base_num_frames",
+            )
+    noise = sb.setting(i, "addnoise_condition")
+    if noise > ADDNOISE_WARN:
+        warn(
+            sb.setting_loc(i, "addnoise_condition"),
+            f"addnoise_condition {noise:g} is high (reference default 20, suggested <= 50): prefixes lose detail",
+        )
+
+
+def _check_file(sb: Storyboard, i: int, name: str, base_dir: Path, add: Any) -> Path | None:
+    raw, loc = getattr(sb.shots[i], name), ("shots", i, name)
+    path = Path(raw).expanduser()
+    path = (path if path.is_absolute() else base_dir / path).resolve()
+    if not path.is_file():
+        add(loc, f"file not found: {raw!r} (looked for {path}; relative paths start at the storyboard's folder)")
+        return None
+    if name == "video":
+        import imageio_ffmpeg
+
+        try:
+            count, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+        except Exception as exc:  # ffmpeg's reasons are varied; the user needs only that it is not a clip
+            add(loc, f"cannot read {raw!r} as a video ({exc.__class__.__name__}); give a clip ffmpeg can decode")
+            return None
+        if count < 1:
+            add(loc, f"video {raw!r} has no frames")
+            return None
+        try:
+            video_prefix_latents(count, sb.setting(i, "overlap_history"), sb.setting(i, "causal_block_size"))
+        except ValueError as exc:
+            add(loc, f"video {raw!r} has {count} frames, too few to extend: {exc}")
+            return None
+        sb.shots[i]._video_frames = count
+        return path
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        add(loc, f"cannot read {raw!r} as an image ({exc.__class__.__name__}); give a PNG, JPEG or WebP file")
+        return None
+    return path
+
+
+def _check_frames(sb: Storyboard, i: int, add: Any) -> None:
+    shot, here = sb.shots[i], ("shots", i)
+    min_frames = 5 if shot.image is not None else 1
+    if shot.frames is not None and shot.duration is not None:
+        add(here + ("duration",), f"give either 'frames' ({shot.frames}) or 'duration' ({shot.duration} s), not both")
+        return
+    if shot.frames is None and shot.duration is None:
+        add(here + ("frames",), "missing: give 'frames' (a count) or 'duration' (seconds)")
+        return
+    if shot.duration is not None:
+        shot._frames = snap_duration(shot.duration, sb.fps, shot.fresh, min_frames)
+        return
+    frames = shot.frames
+    try:
+        if shot.fresh:
+            schedule.check_fresh_frames(frames)
+        else:
+            schedule.check_added_frames(frames)
+    except ValueError as exc:
+        why = "" if shot.fresh else " (count only the new frames: the overlap with what it continues is not repeated)"
+        add(here + ("frames",), f"{frames} frames do not fit the frame grid: {exc}{why}")
+        return
+    if frames < min_frames:
+        add(
+            here + ("frames",),
+            f"a shot that opens with an image needs at least {min_frames} frames "
+            "(the image is frame 1; 4 more frames per latent)",
+        )
+        return
+    shot._frames = frames
+
+
+def _check_cycles(sb: Storyboard, add: Any) -> None:
+    index = {s.id: i for i, s in enumerate(sb.shots)}
+    parent = {i: i - 1 if s.continue_ and i else index.get(s.continue_from) for i, s in enumerate(sb.shots)}
+    done: set[int] = set()
+    for start in range(len(sb.shots)):
+        path: list[int] = []
+        node: int | None = start
+        while node is not None and node not in done:
+            if node in path:
+                cycle = path[path.index(node) :]
+                first = min(cycle)
+                k = cycle.index(first)
+                cycle = cycle[k:] + cycle[:k]
+                names = " -> ".join(f"'{sb.shots[j].id}'" for j in [*cycle, first])
+                key = "continue" if sb.shots[first].continue_ else "continue_from"
+                add(
+                    ("shots", first, key),
+                    f"continuation cycle {names} (a -> b: a continues b); every shot needs "
+                    "the final latents of the one it continues, so make one of them a cut",
+                )
+                break
+            path.append(node)
+            node = parent[node]
+        done.update(path)

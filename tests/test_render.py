@@ -1,0 +1,185 @@
+"""The one-machine render path: storyboard -> plan -> local executor -> clips, film, contact sheet, manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from skyray.cli import main
+from skyray.executors.local import LocalExecutor
+from skyray.output.encode import probe
+from skyray.plan import compile_plan
+from skyray.render import RenderCancelled, render_film
+from skyray.storyboard import load_storyboard, parse_storyboard
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = """
+title: small
+model: tiny
+resolution: 32x32
+fps: 8
+seed: 3
+defaults: {steps: 3, base_num_frames: 17, overlap_history: 5, addnoise_condition: 20}
+shots:
+  - id: a
+    prompt: [a lighthouse at dawn, a beam over the sea]
+    frames: 25
+  - id: b
+    continue: true
+    prompt: a boat
+    frames: 8
+  - id: c
+    prompt: a harbor
+    frames: 9
+"""
+
+
+@pytest.fixture(scope="module")
+def executor():
+    return LocalExecutor("tiny", "cpu")
+
+
+def small_plan(tmp_path: Path, text: str = SMALL):
+    return compile_plan(parse_storyboard(text, tmp_path, "small.yaml"))
+
+
+def test_demo_film_outputs(executor, tmp_path):
+    plan = compile_plan(load_storyboard(ROOT / "storyboards" / "demo.yaml"))
+    out = tmp_path / "demo"
+    manifest = render_film(plan, out, executor, save_latents=True)
+    info = probe(out / "film.mp4")
+    assert info.codec == "h264" and info.pix_fmt == "yuv420p"
+    assert info.frames == sum(s["frames"] for s in manifest["shots"]) == plan.frames
+    assert info.fps == plan.fps
+    assert [s["id"] for s in manifest["shots"]] == [s.id for s in plan.shots]
+    for s in manifest["shots"]:
+        clip = probe(out / s["path"])
+        assert clip.frames == s["frames"]
+        assert len(s["windows"]) == len(plan.shot(s["id"]).windows)
+        lat = load_file(out / s["latents"])["latents"]
+        assert lat.dtype == torch.float32 and lat.shape[:2] == (16, s["frames"] // 4 + (s["continues"] is None))
+    with Image.open(out / "contact_sheet.png") as im:
+        assert im.format == "PNG" and im.height > im.width / 6 * len(plan.shots) * 0.5
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["storyboard_hash"] == plan.storyboard_hash and on_disk["versions"]["torch"]
+
+
+def test_single_shot_latents_equal_reference(executor, tiny, tmp_path):
+    from diffusers import SkyReelsV2DiffusionForcingPipeline
+
+    text = """
+title: one
+model: tiny
+resolution: 32x32
+fps: 24
+seed: 11
+defaults: {steps: 4, guidance_scale: 6.0, shift: 8.0, addnoise_condition: 0, negative_prompt: "blurry"}
+shots:
+  - {id: only, prompt: a red fox in the snow, frames: 17}
+"""
+    plan = small_plan(tmp_path, text)
+    render_film(plan, tmp_path / "out", executor, save_latents=True)
+    ours = load_file(tmp_path / "out" / "shots" / "only.safetensors")["latents"]
+    pipe = SkyReelsV2DiffusionForcingPipeline(
+        tokenizer=tiny.tokenizer, text_encoder=tiny.text_encoder, transformer=tiny.transformer, vae=tiny.vae,
+        scheduler=tiny.scheduler_for(8.0),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(
+        prompt="a red fox in the snow", negative_prompt="blurry", height=32, width=32, num_frames=17,
+        num_inference_steps=4, guidance_scale=6.0, fps=24, output_type="latent",
+        generator=torch.Generator("cpu").manual_seed(11),
+    ).frames[0]
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def _events(store):
+    return lambda e: store.append(e)
+
+
+def test_interrupted_render_reuses_finished_shots(executor, tmp_path):
+    plan = small_plan(tmp_path)
+    out = tmp_path / "film"
+    events: list[dict] = []
+    stop = {"now": False}
+
+    def on_event(e):
+        events.append(e)
+        if e["type"] == "shot_done" and e["shot"] == "a":
+            stop["now"] = True
+
+    with pytest.raises(RenderCancelled):
+        render_film(plan, out, executor, on_event=on_event, should_stop=lambda: stop["now"])
+    assert (out / "shots" / "a.mp4").is_file() and not (out / "film.mp4").exists()
+
+    rerun: list[dict] = []
+    manifest = render_film(plan, out, executor, on_event=_events(rerun))
+    assert rerun[0]["reused"] == ["a"]
+    assert not [e for e in rerun if e["type"] == "window" and e["shot"] == "a"]
+    assert {e["shot"] for e in rerun if e["type"] == "window"} == {"b", "c"}
+    assert manifest["shots"][0]["reused"] is True
+    assert probe(out / "film.mp4").frames == plan.frames
+
+    again: list[dict] = []
+    render_film(plan, out, executor, on_event=_events(again))
+    assert sorted(again[0]["reused"]) == ["a", "b", "c"]
+    assert not [e for e in again if e["type"] == "window"]
+
+
+def test_changed_shot_is_rendered_again_with_its_continuation(executor, tmp_path):
+    plan = small_plan(tmp_path)
+    out = tmp_path / "film"
+    render_film(plan, out, executor)
+    changed = small_plan(tmp_path, SMALL.replace("prompt: a boat", "prompt: a red boat"))
+    events: list[dict] = []
+    render_film(changed, out, executor, on_event=_events(events))
+    assert sorted(events[0]["reused"]) == ["a", "c"]
+
+
+def test_resume_mid_shot_from_window_checkpoint(executor, tmp_path):
+    plan = small_plan(tmp_path)
+    whole = tmp_path / "whole"
+    render_film(plan, whole, executor, save_latents=True)
+
+    out = tmp_path / "cut"
+    seen = {"windows": 0}
+
+    def on_event(e):
+        if e["type"] == "window":
+            seen["windows"] += 1
+
+    with pytest.raises(RenderCancelled):
+        render_film(plan, out, executor, save_latents=True, on_event=on_event, should_stop=lambda: seen["windows"] >= 1)
+    assert (out / "checkpoints" / "a" / "w0000.safetensors").is_file()
+    manifest = render_film(plan, out, executor, save_latents=True)
+    assert manifest["shots"][0]["windows"][0].get("resumed") is True
+    for sid in ("a", "b", "c"):
+        a = load_file(whole / "shots" / f"{sid}.safetensors")["latents"]
+        b = load_file(out / "shots" / f"{sid}.safetensors")["latents"]
+        assert torch.equal(a, b), sid
+
+
+def test_invalid_storyboard_writes_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SMALL.replace("frames: 9", "frames: 10"))
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["render", str(bad), "--out", str(out), "--executor", "local", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "'c'" in err and "frames" in err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert main(["render", str(bad), "--out", str(tmp_path / "new"), "--executor", "local", "-q"]) == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_plan_command_prints_table(capsys):
+    assert main(["plan", str(ROOT / "storyboards" / "demo.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "opening" in out and "drift" in out and "TFLOP" in out.upper()
