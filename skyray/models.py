@@ -225,6 +225,17 @@ def load(model: str, device: torch.device | str | None = None) -> Components:
     return load_folder(resolve_model_path(model), device)
 
 
+def load_vae(model: str, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Only the VAE (for decoder/writer processes that never run the transformer)."""
+    if model == TINY:
+        return build_tiny().vae.to(device)
+    from diffusers import AutoencoderKLWan
+
+    path = resolve_model_path(model)
+    check_model_folder(path)
+    return AutoencoderKLWan.from_pretrained(path / "vae", torch_dtype=torch.float32).eval().requires_grad_(False).to(device)
+
+
 def export(components: Components, out_dir: str | Path) -> Path:
     """Write ``components`` as a diffusers folder that ``SkyReelsV2DiffusionForcingPipeline`` loads."""
     from diffusers import SkyReelsV2DiffusionForcingPipeline

@@ -277,6 +277,11 @@ def render_film(
             if retries[key] > MAX_RETRIES or not executor.recover(group, err.cause):
                 raise RenderFailed(f"shot {sid!r} window {st.next} failed {retries[key]} time(s): {err.cause}") from err.cause
             emit({"type": "retry", "shot": sid, "window": st.next, "group": group, "error": str(err.cause)})
+            # Resume from disk rather than from an object that may have died with the failed group.
+            executor.flush(st.chain)
+            prev = checkpoint_path(ckpt_dir, sid, st.next - 1)
+            if st.next > 0 and prev.is_file():
+                handoffs[sid] = str(prev)
             job = st.jobs[st.next]
             nh = executor.submit(group, job, handoffs[sid])
             in_flight[id(nh)] = (nh, sid, group)

@@ -26,3 +26,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test run (ray.init costs seconds and gigabytes)."""
+    import ray
+
+    from skyray.executors.ray import EMULATED_SLOT
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, resources={EMULATED_SLOT: 64}, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

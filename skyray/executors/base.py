@@ -56,6 +56,9 @@ class Executor(ABC):
     def finish_shot(self, chain: int, shot_id: str, keep_state: bool) -> Any:
         """Close the shot's clip; returns a ``ShotResult``."""
 
+    def flush(self, chain: int) -> None:  # noqa: B027 - optional hook
+        """Block until the chain's writer has taken (and checkpointed) every window sent so far."""
+
     def recover(self, group: int, error: BaseException) -> bool:
         """Replace a failed group; False if it cannot be replaced (the render then stops)."""
         return False

@@ -6,6 +6,7 @@ sends it small ``WindowJob`` records plus the previous window's ``Handoff``.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +16,10 @@ from skyray.engine.conditioning import encode_image, encode_video_tail
 from skyray.engine.sampler import NoisePredictor, SamplerConfig, denoise_window
 from skyray.engine.schedule import WindowShape
 from skyray.engine.text import PromptCache
+
+
+def cpu_threads() -> int:
+    return int(os.environ.get("SKYRAY_CPU_THREADS", min(4, os.cpu_count() or 1)))
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,10 @@ class Worker:
     def __init__(self, model: str, device: str | None = None, parallel=None, name: str = "local") -> None:
         from skyray import models
 
+        if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
+            # The same intra-op thread count in every process (Ray gives actors one thread by default), so a
+            # window's latents are bit-identical whichever executor or actor renders it.
+            torch.set_num_threads(cpu_threads())
         self.components = models.load(model, device)
         self.prompts = PromptCache(self.components.tokenizer, self.components.text_encoder)
         self.parallel = parallel
