@@ -15,13 +15,29 @@ def _load_plan(path: str):
     return sb, compile_plan(sb)
 
 
-def _progress(quiet: bool, total_windows: int):
+def _progress(quiet: bool, total_windows: int, executor=None):
     if quiet:
         return None, lambda: None
     from tqdm import tqdm
 
     film = tqdm(total=total_windows, desc="film", unit="window", position=0, dynamic_ncols=True)
     bars: dict[str, tqdm] = {}
+    rows: dict[str, tqdm] = {}
+
+    def on_row(shot: str, window: int, row: int, total: int) -> None:
+        # Model calls inside the current window (in-process executor only; Ray reports per window).
+        key = f"{shot}/{window}"
+        if key not in rows:
+            for bar in rows.values():
+                bar.close()
+            rows.clear()
+            rows[key] = tqdm(total=total, desc=f"window {window}", unit="step", position=2, leave=False,
+                             dynamic_ncols=True)
+        rows[key].update(1)
+
+    worker = getattr(executor, "worker", None)
+    if worker is not None:
+        worker.on_row = on_row
 
     def on_event(e: dict) -> None:
         kind = e["type"]
@@ -45,7 +61,7 @@ def _progress(quiet: bool, total_windows: int):
             film.write(f"retrying shot {e['shot']} window {e['window']} on group {e['group']}: {e['error']}")
 
     def close() -> None:
-        for b in bars.values():
+        for b in [*rows.values(), *bars.values()]:
             b.close()
         film.close()
 
@@ -58,6 +74,32 @@ def cmd_plan(args) -> int:
     _, plan = _load_plan(args.storyboard)
     print(format_plan(plan, mfu=args.mfu))
     return 0
+
+
+def group_layout(args, storyboard, plan):
+    """Groups, GPUs per group and the parallel layout, validated against the model before anything loads."""
+    from skyray.engine.parallel import ParallelConfig
+    from skyray.models import family_of
+
+    cluster = storyboard.cluster
+    groups = args.groups or (cluster.groups if cluster else 1)
+    gpus = args.gpus_per_group or (cluster.gpus_per_group if cluster else 1)
+    heads = family_of(storyboard.model).heads
+    guidance = any(s.sampling.guided for s in plan.shots)
+    p = storyboard.parallel
+    if p is None or p.ulysses is None or p.cfg is None:
+        layout = ParallelConfig.auto(gpus, heads, guidance)
+        if p is not None:
+            layout = ParallelConfig(
+                ulysses=p.ulysses or layout.ulysses, ring=p.ring, cfg=layout.cfg if p.cfg is None else p.cfg
+            )
+    else:
+        layout = ParallelConfig(ulysses=p.ulysses, ring=p.ring, cfg=p.cfg)
+    try:
+        layout.validate(gpus, heads, guidance)
+    except ValueError as err:
+        raise SystemExit(f"error: parallel layout for {gpus} GPU(s) per group on model {storyboard.model!r}: {err}") from None
+    return groups, gpus, layout
 
 
 def make_executor(args, storyboard):
@@ -80,12 +122,13 @@ def cmd_render(args) -> int:
     from skyray.render import render_film
 
     sb, plan = _load_plan(args.storyboard)  # everything is validated before a model loads or a file is written
+    group_layout(args, sb, plan)
     if args.dry_run:
         print(format_plan(plan))
         return 0
     out = Path(args.out or Path("renders") / Path(args.storyboard).stem)
     executor = make_executor(args, sb)
-    on_event, close = _progress(args.quiet, sum(len(s.windows) for s in plan.shots))
+    on_event, close = _progress(args.quiet, sum(len(s.windows) for s in plan.shots), executor)
     try:
         manifest = render_film(plan, out, executor, save_latents=args.save_latents, on_event=on_event)
     finally:

@@ -183,3 +183,11 @@ def test_plan_command_prints_table(capsys):
     assert main(["plan", str(ROOT / "storyboards" / "demo.yaml")]) == 0
     out = capsys.readouterr().out
     assert "opening" in out and "drift" in out and "TFLOP" in out.upper()
+
+
+def test_bad_parallel_degree_fails_before_loading(tmp_path, capsys):
+    sb = tmp_path / "par.yaml"
+    sb.write_text(SMALL.replace("defaults:", "cluster: {groups: 1, gpus_per_group: 3}\nparallel: {ulysses: 3, cfg: false}\ndefaults:"))
+    with pytest.raises(SystemExit, match="ulysses degree 3 must divide the model's 4 attention heads"):
+        main(["render", str(sb), "--out", str(tmp_path / "o"), "--executor", "local", "-q"])
+    assert not (tmp_path / "o").exists()

@@ -77,6 +77,7 @@ class Worker:
         self.prompts = PromptCache(self.components.tokenizer, self.components.text_encoder)
         self.parallel = parallel
         self.name = name
+        self.on_row = None  # optional callback(shot_id, window, row, rows) for in-process progress bars
         self._schedulers: dict[float, object] = {}
 
     def _scheduler(self, shift: float):
@@ -113,7 +114,12 @@ class Worker:
 
         text = self.prompts.embeds(job.prompt, job.negative_prompt, cfg.guidance)
         predict = NoisePredictor(c.transformer, cfg, self.parallel)
-        out = denoise_window(predict, self._scheduler(cfg.shift), text, w, (h, wl), gen, prefix=prefix, suffix=suffix)
+        on_row = None
+        if self.on_row is not None:
+            on_row = lambda r, n: self.on_row(job.shot_id, w.index, r, n)  # noqa: E731
+        out = denoise_window(
+            predict, self._scheduler(cfg.shift), text, w, (h, wl), gen, prefix=prefix, suffix=suffix, on_row=on_row
+        )
         body = out[:, :, : w.prefix + w.new].float().cpu()
         new = body[:, :, w.prefix :]
         if lead is not None:
