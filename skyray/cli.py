@@ -102,19 +102,17 @@ def group_layout(args, storyboard, plan):
     return groups, gpus, layout
 
 
-def make_executor(args, storyboard):
-    kind = args.executor
-    if kind == "local":
+def make_executor(args, storyboard, plan):
+    if args.executor == "local":
         from skyray.executors.local import LocalExecutor
 
         return LocalExecutor(storyboard.model, args.device)
     from skyray.executors.ray import RayExecutor
 
-    cluster = storyboard.cluster
-    groups = args.groups or (cluster.groups if cluster else 1)
-    gpus = args.gpus_per_group or (cluster.gpus_per_group if cluster else 1)
+    groups, gpus, layout = group_layout(args, storyboard, plan)
+    guidance = any(s.sampling.guided for s in plan.shots)
     return RayExecutor(storyboard.model, groups=groups, gpus_per_group=gpus, address=args.address,
-                       parallel=storyboard.parallel)
+                       parallel=layout if gpus > 1 else None, guidance=guidance)
 
 
 def cmd_render(args) -> int:
@@ -127,7 +125,10 @@ def cmd_render(args) -> int:
         print(format_plan(plan))
         return 0
     out = Path(args.out or Path("renders") / Path(args.storyboard).stem)
-    executor = make_executor(args, sb)
+    from skyray.enhance import enhance_before_render  # before the video model loads; frees its LLM after
+
+    sb, plan = enhance_before_render(sb, plan, args.executor == "ray", args.address, args.quiet)
+    executor = make_executor(args, sb, plan)
     on_event, close = _progress(args.quiet, sum(len(s.windows) for s in plan.shots), executor)
     try:
         manifest = render_film(plan, out, executor, save_latents=args.save_latents, on_event=on_event)
@@ -181,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("model", help="'tiny', a diffusers folder or a hub id")
     m.add_argument("dir", nargs="?", help="output folder (export)")
     m.set_defaults(func=cmd_model)
+
+    from skyray.enhance import add_enhance_parser
+
+    add_enhance_parser(sub)
     return p
 
 

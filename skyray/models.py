@@ -225,6 +225,42 @@ def load(model: str, device: torch.device | str | None = None) -> Components:
     return load_folder(resolve_model_path(model), device)
 
 
+def build_empty(model: str, device: torch.device | str) -> Components:
+    """The model's architecture with uninitialised weights on ``device``: a receiver for ``broadcast_module``."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLWan, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    device = torch.device(device)
+    if model == TINY:
+        cfg = tiny_configs()
+        tokenizer = tiny_tokenizer()
+        te_cfg = UMT5Config(**cfg["text_encoder"])
+        tr_cfg, vae_cfg = cfg["transformer"], cfg["vae"]
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    else:
+        path = resolve_model_path(model)
+        check_model_folder(path)
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        te_cfg = UMT5Config.from_pretrained(path / "text_encoder")
+        tr_cfg = SkyReelsV2Transformer3DModel.load_config(path / "transformer")
+        vae_cfg = AutoencoderKLWan.load_config(path / "vae")
+        scheduler = UniPCMultistepScheduler.from_config(
+            UniPCMultistepScheduler.load_config(path / "scheduler"),
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+        )
+    with init_empty_weights(include_buffers=False):
+        text_encoder = UMT5EncoderModel(te_cfg)
+        transformer = SkyReelsV2Transformer3DModel.from_config(tr_cfg)
+        vae = AutoencoderKLWan.from_config(vae_cfg)
+    for m in (text_encoder, transformer, vae):
+        m.to_empty(device=device)
+        m.eval().requires_grad_(False)
+    fam = family_from_config(dict(transformer.config))
+    return Components(tokenizer, text_encoder, transformer, vae, scheduler, fam, model, device)
+
+
 def load_vae(model: str, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Only the VAE (for decoder/writer processes that never run the transformer)."""
     if model == TINY:

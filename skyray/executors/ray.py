@@ -27,15 +27,37 @@ EMULATED_SLOT = "skyray_slot"
 
 
 class _GroupWorker:
-    """Ray actor body: a Worker plus hand-off loading from checkpoint paths."""
+    """Ray actor body: one rank of a group. ``setup`` joins the group's process group (K > 1) and loads the model."""
 
     def __init__(self, model: str, name: str, device: str | None) -> None:
+        self.model, self.name, self.device = model, name, device
+        self.worker = None
+
+    def placement(self):
+        from skyray.executors.distributed import current_placement
+
+        return current_placement()
+
+    def rendezvous(self) -> str:
+        from skyray.executors.distributed import init_method
+
+        return init_method()
+
+    def setup(self, rank: int, world: int, method: str | None, layout, guidance: bool, env: dict,
+              timeout_s: float, local_rank: int = 0) -> str:
         from skyray.executors.worker import Worker
 
-        self.worker = Worker(model, device, name=name)
+        parallel, device = None, self.device
+        if world > 1:
+            from skyray.engine.parallel import GroupParallel
+            from skyray.executors.distributed import init_group
+            from skyray.models import family_of
 
-    def ready(self) -> str:
-        return self.worker.name
+            dev = init_group(rank, world, method, timeout_s=timeout_s, local_rank=local_rank, env=env)
+            device = str(dev)
+            parallel = GroupParallel.build(layout, family_of(self.model).heads, guidance, timeout_s)
+        self.worker = Worker(self.model, device, parallel=parallel, name=self.name, broadcast=world > 1)
+        return self.name
 
     def render_window(self, job: WindowJob, handoff: Any):
         from skyray.output.chain_writer import load_handoff
@@ -82,6 +104,7 @@ class RayHandle:
     out: Any
     handoff: Any
     meta: Any
+    others: tuple = ()  # metadata refs of the group's other ranks (they fail loudly if a rank dies)
 
 
 class RayExecutor(Executor):
@@ -94,6 +117,8 @@ class RayExecutor(Executor):
         parallel=None,
         use_gpu: bool | None = None,
         start_timeout_s: float = 300.0,
+        guidance: bool = True,
+        collective_timeout_s: float = 600.0,
     ) -> None:
         if not ray.is_initialized():
             if address:
@@ -103,7 +128,11 @@ class RayExecutor(Executor):
         self.model = model
         self.groups = groups
         self.gpus_per_group = gpus_per_group
-        self.parallel = parallel
+        self.layout = parallel
+        self.guidance = guidance
+        self.collective_timeout_s = collective_timeout_s
+        if gpus_per_group > 1 and parallel is None:
+            raise ValueError("a group of several GPUs needs a parallel layout (engine.parallel.ParallelConfig)")
         self.use_gpu = bool(ray.cluster_resources().get("GPU", 0)) if use_gpu is None else use_gpu
         self.start_timeout_s = start_timeout_s
         self._groups = [self._start_group(g) for g in range(groups)]
@@ -116,34 +145,50 @@ class RayExecutor(Executor):
         return {"GPU": 1, "CPU": 1} if self.use_gpu else {EMULATED_SLOT: 1}
 
     def _start_group(self, index: int, generation: int = 0) -> _Group:
-        if self.gpus_per_group > 1:
-            # Ranks beyond 0 would need the group's process group (engine.parallel); see executors.distributed.
-            raise NotImplementedError(
-                "gpus_per_group > 1 (sequence/CFG parallel inside a group) is not wired into the Ray executor yet"
-            )
-        pg = placement_group([self._bundle() for _ in range(self.gpus_per_group)], strategy="STRICT_PACK")
+        from skyray.executors.distributed import assign_ranks, collective_env, node_ip
+
+        k = self.gpus_per_group
+        pg = placement_group([self._bundle() for _ in range(k)], strategy="STRICT_PACK")
         try:
             ray.get(pg.ready(), timeout=self.start_timeout_s)
         except ray.exceptions.GetTimeoutError as err:
             remove_placement_group(pg)
             raise RuntimeError(
-                f"could not reserve group {index} ({self.gpus_per_group} x {self._bundle()}) within "
+                f"could not reserve group {index} ({k} x {self._bundle()}) within "
                 f"{self.start_timeout_s:.0f} s; cluster has {ray.cluster_resources()}"
             ) from err
         cls = ray.remote(_GroupWorker)
+        env = collective_env()
         actors = []
-        for rank in range(self.gpus_per_group):
+        for b in range(k):
             opts = dict(
                 num_cpus=0,
                 num_gpus=1 if self.use_gpu else 0,
                 max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+                runtime_env={"env_vars": env} if env else None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=b),
             )
             if not self.use_gpu:
                 opts["resources"] = {EMULATED_SLOT: 1}
-            name = f"group{index}.{generation}/rank{rank}"
-            actors.append(cls.options(**opts).remote(self.model, name, "cuda" if self.use_gpu else "cpu"))
-        ray.get([a.ready.remote() for a in actors], timeout=self.start_timeout_s)
+            actors.append(cls.options(**opts).remote(self.model, f"group{index}.{generation}/b{b}",
+                                                     "cuda" if self.use_gpu else "cpu"))
+        try:
+            if k == 1:
+                ray.get(actors[0].setup.remote(0, 1, None, None, self.guidance, {}, 0.0), timeout=self.start_timeout_s)
+            else:
+                # vLLM's recipe: ranks sorted by node (the driver's first) and GPU id, rendezvous on rank 0's node.
+                ranks = assign_ranks(ray.get([a.placement.remote() for a in actors]), driver_ip=node_ip())
+                actors = [a for _, a in sorted(zip((r.rank for r in ranks), actors), key=lambda x: x[0])]
+                ranks = sorted(ranks, key=lambda r: r.rank)
+                method = ray.get(actors[0].rendezvous.remote())
+                ray.get([a.setup.remote(r.rank, k, method, self.layout, self.guidance, env,
+                                        self.collective_timeout_s, r.local_rank) for a, r in zip(actors, ranks)],
+                        timeout=self.start_timeout_s)
+        except Exception:
+            for a in actors:
+                ray.kill(a, no_restart=True)
+            remove_placement_group(pg)
+            raise
         return _Group(index, pg, actors, generation)
 
     def recover(self, group: int, error: BaseException) -> bool:
@@ -165,18 +210,23 @@ class RayExecutor(Executor):
 
     # ------------------------------------------------------------------------------------------------ windows
     def submit(self, group: int, job: WindowJob, handoff: Any) -> RayHandle:
-        lead = self._groups[group].actors[0]
-        out, hand, meta = lead.render_window.options(num_returns=3).remote(job, handoff)
-        return RayHandle(group, out, hand, meta)
+        # Every rank runs the same window (they split each forward); rank 0's results are the window's.
+        refs = [a.render_window.options(num_returns=3).remote(job, handoff) for a in self._groups[group].actors]
+        out, hand, meta = refs[0]
+        return RayHandle(group, out, hand, meta, tuple(r[2] for r in refs[1:]))
 
     def wait_any(self, handles: list[RayHandle]) -> RayHandle:
         from skyray.render import WindowError
 
-        by_ref = {h.meta: h for h in handles}
+        by_ref = {}
+        for h in handles:
+            for ref in (h.meta, *h.others):
+                by_ref[ref] = h
         done, _ = ray.wait(list(by_ref), num_returns=1)
         h = by_ref[done[0]]
         try:
-            ray.get(h.meta)
+            ray.get(done[0])
+            ray.get([h.meta, *h.others])  # the ranks of a group finish together (their collectives tie them)
         except (RayActorError, RayTaskError, WorkerCrashedError) as err:
             raise WindowError(h, err) from err
         return h

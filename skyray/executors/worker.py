@@ -66,14 +66,27 @@ class WindowOutput:
 class Worker:
     """Holds a loaded model; ``render_window`` is pure given (job, handoff)."""
 
-    def __init__(self, model: str, device: str | None = None, parallel=None, name: str = "local") -> None:
+    def __init__(
+        self, model: str, device: str | None = None, parallel=None, name: str = "local", broadcast: bool = False
+    ) -> None:
         from skyray import models
 
         if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
             # The same intra-op thread count in every process (Ray gives actors one thread by default), so a
             # window's latents are bit-identical whichever executor or actor renders it.
             torch.set_num_threads(cpu_threads())
-        self.components = models.load(model, device)
+        if broadcast:
+            # Ranks of one group: rank 0 reads the checkpoint, the others receive it (weights are read once).
+            import torch.distributed as dist
+
+            from skyray.executors.distributed import broadcast_module
+
+            rank0 = dist.get_rank() == 0
+            self.components = models.load(model, device) if rank0 else models.build_empty(model, device or "cpu")
+            for m in (self.components.text_encoder, self.components.transformer, self.components.vae):
+                broadcast_module(m)
+        else:
+            self.components = models.load(model, device)
         self.prompts = PromptCache(self.components.tokenizer, self.components.text_encoder)
         self.parallel = parallel
         self.name = name
