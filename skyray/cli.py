@@ -124,7 +124,7 @@ def cmd_render(args) -> int:
     if args.dry_run:
         print(format_plan(plan))
         return 0
-    out = Path(args.out or Path("renders") / Path(args.storyboard).stem)
+    out = args.out or str(Path("renders") / Path(args.storyboard).stem)  # a folder or a pyarrow.fs URI
     from skyray.enhance import enhance_before_render  # before the video model loads; frees its LLM after
 
     sb, plan = enhance_before_render(sb, plan, args.executor == "ray", args.address, args.quiet)
@@ -136,7 +136,7 @@ def cmd_render(args) -> int:
         close()
         executor.shutdown()
     if not args.quiet:
-        print(f"film: {out / manifest['film']['path']} ({manifest['film']['frames']} frames at {plan.fps} fps)")
+        print(f"film: {out}/{manifest['film']['path']} ({manifest['film']['frames']} frames at {plan.fps} fps)")
     return 0
 
 
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("render", help="render a storyboard to an encoded film")
     r.add_argument("storyboard")
-    r.add_argument("--out", help="output folder (default: renders/<storyboard name>)")
+    r.add_argument("--out", help="output folder or pyarrow.fs URI such as s3://bucket/film (default: renders/<name>)")
     r.add_argument("--executor", choices=["local", "ray"], default="ray")
     r.add_argument("--address", help="Ray address ('auto', 'ray://host:10001'); default: start a local Ray")
     r.add_argument("--groups", type=int, help="GPU groups (model replicas)")

@@ -109,6 +109,7 @@ def shot_hashes(plan: FilmPlan) -> dict[str, str]:
             s = plan.shot(sid)
             record = dataclasses.asdict(s)
             record.pop("index")
+            record.pop("original_prompts")  # a record of what was written; the pixels follow `prompts`
             for key in ("image", "end_image", "video"):
                 record[key] = _file_digest(record[key])
             record.update(model=plan.model, size=[plan.width, plan.height], fps=plan.fps)
@@ -143,9 +144,13 @@ def render_film(
     on_event: Callable[[Event], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict:
-    """Render ``plan`` into ``out_dir``; returns the manifest (also written as ``manifest.json``)."""
+    """Render ``plan`` into ``out_dir`` (a folder or a ``pyarrow.fs`` URI); returns the manifest."""
+    from skyray.output.location import OutputLocation
+
     t_start = time.perf_counter()
-    out = Path(out_dir)
+    location = OutputLocation(out_dir)
+    out = location.local
+    location.pull()
     shots_dir, ckpt_dir = out / "shots", out / "checkpoints"
     shots_dir.mkdir(parents=True, exist_ok=True)
     emit = on_event or (lambda e: None)
@@ -250,6 +255,7 @@ def render_film(
         _atomic_json(shots_dir / f"{st.plan.id}.json", record)
         shutil.rmtree(ckpt_dir / st.plan.id, ignore_errors=True)
         results[st.plan.id] = record
+        location.push([f"shots/{st.plan.id}{ext}" for ext in (".mp4", ".tail.safetensors", ".safetensors", ".json")])
         emit({"type": "shot_done", "shot": st.plan.id, "frames": res.frames, "path": res.path})
 
     while True:
@@ -308,6 +314,9 @@ def render_film(
     film_path = _assemble(plan, out, state)
     manifest = _manifest(plan, out, state, results, film_path, time.perf_counter() - t_start, save_latents)
     _atomic_json(out / "manifest.json", manifest)
+    location.push(["film.mp4", "contact_sheet.png", "manifest.json"])
+    if location.remote:
+        manifest["location"] = location.target
     emit({"type": "film_done", "path": str(film_path), "frames": manifest["film"]["frames"]})
     return manifest
 
@@ -353,6 +362,7 @@ def _manifest(plan, out, state, results, film_path, seconds, save_latents) -> di
                 "seed": s.seed,
                 "continues": s.continues,
                 "prompts": list(s.prompts),
+                "original_prompts": list(s.original_prompts) if s.original_prompts else None,
                 "settings": dataclasses.asdict(s.sampling),
                 "windows": [dataclasses.asdict(w) | (st.windows[i] if i < len(st.windows) else {})
                             for i, w in enumerate(s.windows)],

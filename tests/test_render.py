@@ -191,3 +191,23 @@ def test_bad_parallel_degree_fails_before_loading(tmp_path, capsys):
     with pytest.raises(SystemExit, match="ulysses degree 3 must divide the model's 4 attention heads"):
         main(["render", str(sb), "--out", str(tmp_path / "o"), "--executor", "local", "-q"])
     assert not (tmp_path / "o").exists()
+
+
+def test_output_to_a_pyarrow_uri(executor, tmp_path):
+    plan = small_plan(tmp_path)
+    remote = tmp_path / "bucket" / "films" / "small"
+    uri = f"file://{remote}"
+    manifest = render_film(plan, uri, executor)
+    assert manifest["location"] == uri
+    for rel in ("film.mp4", "manifest.json", "contact_sheet.png", "shots/a.mp4", "shots/b.json", "shots/c.mp4"):
+        assert (remote / rel).is_file(), rel
+    assert probe(remote / "film.mp4").frames == plan.frames
+    # A rerun with a fresh staging folder pulls the finished shots back and renders nothing.
+    import shutil
+
+    from skyray.output.location import OutputLocation
+
+    shutil.rmtree(OutputLocation(uri).local)
+    events: list[dict] = []
+    render_film(plan, uri, executor, on_event=_events(events))
+    assert sorted(events[0]["reused"]) == ["a", "b", "c"]

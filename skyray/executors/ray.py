@@ -119,6 +119,7 @@ class RayExecutor(Executor):
         start_timeout_s: float = 300.0,
         guidance: bool = True,
         collective_timeout_s: float = 600.0,
+        max_writers: int = 2,
     ) -> None:
         if not ray.is_initialized():
             if address:
@@ -136,7 +137,9 @@ class RayExecutor(Executor):
         self.use_gpu = bool(ray.cluster_resources().get("GPU", 0)) if use_gpu is None else use_gpu
         self.start_timeout_s = start_timeout_s
         self._groups = [self._start_group(g) for g in range(groups)]
+        self.max_writers = max(1, max_writers)
         self._writers: dict[int, Any] = {}
+        self._chain_writer: dict[int, int] = {}
         self._pending_adds: dict[int, list[Any]] = {}
         self.recoveries = 0
 
@@ -239,29 +242,39 @@ class RayExecutor(Executor):
 
     # ------------------------------------------------------------------------------------------------ writers
     def open_chain(self, chain: int, width: int, height: int, fps: int, shots_dir: str) -> None:
-        opts = {"num_cpus": 0} if not self.use_gpu else {"num_cpus": 1}
-        self._writers[chain] = ray.remote(_ChainWriterActor).options(**opts).remote(
-            self.model, width, height, fps, shots_dir
-        )
-        self._pending_adds[chain] = []
+        # A small pool of writer actors (each holds one VAE) serves all chains; a chain always uses the same one,
+        # whose calls run in submission order, so its shots decode in order.
+        slot = chain % self.max_writers
+        if slot not in self._writers:
+            opts = {"num_cpus": 0} if not self.use_gpu else {"num_cpus": 1}
+            self._writers[slot] = ray.remote(_ChainWriterActor).options(**opts).remote(
+                self.model, width, height, fps, shots_dir
+            )
+            self._pending_adds[slot] = []
+        self._chain_writer[chain] = slot
+
+    def _writer(self, chain: int):
+        return self._writers[self._chain_writer[chain]]
 
     def begin_shot(self, chain, shot_id, parent, parent_tail, save_latents) -> None:
-        self._pending_adds[chain].append(self._writers[chain].begin.remote(shot_id, parent, parent_tail, save_latents))
+        ref = self._writer(chain).begin.remote(shot_id, parent, parent_tail, save_latents)
+        self._pending_adds[self._chain_writer[chain]].append(ref)
 
     def add_window(self, chain, shot_id, handle, checkpoint, meta) -> None:
-        w = self._writers[chain]
+        w = self._writer(chain)
         if isinstance(handle, str):
             ref = w.add.remote(shot_id, handle, None, None, None)
         else:
             ref = w.add.remote(shot_id, handle.out, handle.handoff, checkpoint, meta)
-        self._pending_adds[chain].append(ref)
+        self._pending_adds[self._chain_writer[chain]].append(ref)
 
     def flush(self, chain: int) -> None:
-        ray.get(self._pending_adds[chain])
-        self._pending_adds[chain] = []
+        slot = self._chain_writer[chain]
+        ray.get(self._pending_adds[slot])
+        self._pending_adds[slot] = []
 
     def finish_shot(self, chain, shot_id, keep_state):
-        result = ray.get(self._writers[chain].finish.remote(shot_id, keep_state))
+        result = ray.get(self._writer(chain).finish.remote(shot_id, keep_state))
         self.flush(chain)
         return result
 
