@@ -155,6 +155,22 @@ def cmd_model(args) -> int:
     raise SystemExit(f"unknown model action {args.action!r}")
 
 
+def cmd_batch(args) -> int:
+    import json
+
+    from skyray.batch import run_batch
+
+    defaults = json.loads(args.defaults) if args.defaults else {}
+    rows = run_batch(args.requests, args.out, model=args.model, resolution=args.resolution, fps=args.fps,
+                     defaults=defaults, groups=args.groups)
+    done = sum(r["status"] == "done" for r in rows)
+    print(f"{done}/{len(rows)} requests rendered; index: {Path(args.out) / 'index.jsonl'}")
+    for r in rows:
+        if r["status"] != "done":
+            print(f"  line {r['line']}: {r['status']}: {r['error']}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skyray", description="Render long multi-shot films with SkyReels-V2.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -176,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("storyboard")
     pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for GPU-seconds")
     pl.set_defaults(func=cmd_plan)
+
+    b = sub.add_parser("batch", help="render many independent shot requests (JSON lines) with Ray Data")
+    b.add_argument("requests", help="JSONL file: one {prompt, frames|duration, seed?, image?, ...} per line")
+    b.add_argument("--out", required=True)
+    b.add_argument("--model", default="tiny")
+    b.add_argument("--resolution", default="540p")
+    b.add_argument("--fps", type=int, default=24)
+    b.add_argument("--defaults", help="JSON object of sampling defaults, e.g. '{\"steps\": 30}'")
+    b.add_argument("--groups", type=int, default=1, help="renderer actors (one model replica each)")
+    b.set_defaults(func=cmd_batch)
 
     m = sub.add_parser("model", help="model utilities")
     m.add_argument("action", choices=["export", "info"])
