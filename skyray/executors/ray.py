@@ -57,7 +57,22 @@ class _GroupWorker:
             device = str(dev)
             parallel = GroupParallel.build(layout, family_of(self.model).heads, guidance, timeout_s)
         self.worker = Worker(self.model, device, parallel=parallel, name=self.name, broadcast=world > 1)
+        if rank == 0:
+            self.worker.on_row = self._progress
+        self._bar = None
         return self.name
+
+    def _progress(self, shot: str, window: int, row: int, rows: int) -> None:
+        # Live per-window progress from the actor, rendered by the driver's console (tqdm_ray).
+        from ray.experimental import tqdm_ray
+
+        if row == 0:
+            self._bar = tqdm_ray.tqdm(total=rows, desc=f"{self.name} {shot} w{window}", unit="step")
+        if self._bar is not None:
+            self._bar.update(1)
+            if row + 1 == rows:
+                self._bar.close()
+                self._bar = None
 
     def render_window(self, job: WindowJob, handoff: Any):
         from skyray.output.chain_writer import load_handoff
@@ -67,6 +82,8 @@ class _GroupWorker:
         out = self.worker.render_window(job, handoff)
         meta = {"shot_id": out.shot_id, "index": out.index, "seconds": out.seconds, "forwards": out.forwards,
                 "worker": out.worker}
+        log.info("%s: shot %s window %d/%d in %.2f s (%d forwards)", self.name, job.shot_id, out.index + 1,
+                 job.windows, out.seconds, out.forwards)
         return out, out.handoff, meta
 
 
@@ -122,10 +139,11 @@ class RayExecutor(Executor):
         max_writers: int = 2,
     ) -> None:
         if not ray.is_initialized():
+            # Actor logs and tqdm_ray bars are shown by this (driver) process.
             if address:
-                ray.init(address=address, log_to_driver=False)
+                ray.init(address=address)
             else:
-                ray.init(resources={EMULATED_SLOT: 64}, include_dashboard=False, log_to_driver=False)
+                ray.init(resources={EMULATED_SLOT: 64}, include_dashboard=False)
         self.model = model
         self.groups = groups
         self.gpus_per_group = gpus_per_group
