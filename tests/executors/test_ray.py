@@ -52,12 +52,12 @@ def two_groups(ray_session):
     ex.shutdown()
 
 
-def assert_same_film(plan, a: Path, b: Path):
+def assert_same_film(plan, a: Path, b: Path, tol: float = 1e-6):
     for s in plan.shots:
         la = load_file(a / "shots" / f"{s.id}.safetensors")["latents"]
         lb = load_file(b / "shots" / f"{s.id}.safetensors")["latents"]
         assert la.shape == lb.shape, s.id
-        assert (la - lb).abs().max().item() <= 1e-6, s.id
+        assert (la - lb).abs().max().item() <= tol, s.id
 
 
 def test_one_group_equals_local(plan, reference, ray_session, tmp_path):
@@ -141,10 +141,8 @@ def test_group_of_two_ranks_equals_local_and_survives_a_dead_rank(plan, referenc
         manifest = render_film(plan, tmp_path, ex, save_latents=True, on_event=on_event)
     finally:
         ex.shutdown()
-    for s in plan.shots:
-        la = load_file(reference / "shots" / f"{s.id}.safetensors")["latents"]
-        lb = load_file(tmp_path / "shots" / f"{s.id}.safetensors")["latents"]
-        assert (la - lb).abs().max().item() <= 1e-5, s.id
+    # Splitting forwards over ranks changes the summation order: equal within 1e-5, not bit for bit.
+    assert_same_film(plan, reference, tmp_path, tol=1e-5)
     assert manifest["film"]["frames"] == plan.frames
     if cfg:
         assert ex.recoveries == 1
