@@ -86,6 +86,7 @@ class ShotPlan:
     windows: tuple[WindowPlan, ...]
     enhance: bool
     duration: float | None = None  # the seconds asked for, when the shot gave a duration instead of frames
+    original_prompts: tuple[str, ...] | None = None  # as written, when the prompt enhancer rewrote ``prompts``
 
     @property
     def seconds(self) -> float:
@@ -265,6 +266,7 @@ def _shot_plan(sb: Storyboard, i: int, family: ModelFamily, height: int, width: 
         windows=tuple(windows),
         enhance=sb.setting(i, "enhance"),
         duration=shot.duration,
+        original_prompts=tuple(shot.original_prompt) if shot.original_prompt else None,
     )
 
 

@@ -135,6 +135,8 @@ class Shot(_Model):
     """Unique name; becomes a file name, so letters, digits, '_' and '-' only."""
     prompt: list[str] = Field(min_length=1)
     """A prompt, or one prompt per window ("prompt travel"; the last one holds for any further windows)."""
+    original_prompt: list[str] | None = Field(None, min_length=1)
+    """The prompt as written, kept by the prompt enhancer when it rewrote ``prompt`` (recorded, never rendered)."""
     frames: int | None = Field(None, ge=1)
     """Frames this shot adds to the film: 4k+1 for a fresh shot, a multiple of 4 for a continuation or extension."""
     duration: float | None = Field(None, gt=0)
@@ -168,7 +170,7 @@ class Shot(_Model):
     _frames: int | None = PrivateAttr(None)
     _video_frames: int | None = PrivateAttr(None)
 
-    @field_validator("prompt", mode="before")
+    @field_validator("prompt", "original_prompt", mode="before")
     @classmethod
     def _one_prompt(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
@@ -607,6 +609,10 @@ def _resolve(sb: Storyboard, base_dir: Path) -> None:
         local = (base_dir / sb.model).expanduser()
         if local.exists():
             sb.model = str(local.resolve())
+    if sb.enhancer is not None and sb.enhancer.model is not None:
+        local = (base_dir / sb.enhancer.model).expanduser()
+        if local.exists():
+            sb.enhancer.model = str(local.resolve())
 
     first_use: dict[str, int] = {}
     for i, shot in enumerate(sb.shots):

@@ -110,6 +110,7 @@ def test_shot_overrides_every_default() -> None:
     overridable = set(Shot.model_fields) - {
         "id",
         "prompt",
+        "original_prompt",
         "frames",
         "duration",
         "seed",
