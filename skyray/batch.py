@@ -90,15 +90,14 @@ def run_batch(
     """Render every valid request; write ``index.jsonl`` (one row per input line, in line order)."""
     import ray
 
-    from skyray.executors.ray import EMULATED_SLOT
+    from skyray.executors.ray import EMULATED_SLOT, ensure_ray
 
     out = Path(out_dir)
     film = {"model": model, "resolution": resolution, "fps": fps, "defaults": dict(defaults or {})}
     valid, invalid = parse_requests(requests, film)
     rows = list(invalid)
     if valid:
-        if not ray.is_initialized():
-            ray.init(resources={EMULATED_SLOT: 64}, include_dashboard=False, log_to_driver=False)
+        ensure_ray()
         gpu = bool(ray.cluster_resources().get("GPU", 0)) if use_gpu is None else use_gpu
         out.mkdir(parents=True, exist_ok=True)
         ds = ray.data.from_items(valid).map_batches(

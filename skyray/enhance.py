@@ -394,14 +394,9 @@ def _rewrite_on_ray(config: Enhancer, prompts: list[str], address: str | None) -
     import ray
     from ray.exceptions import RayTaskError
 
-    if not ray.is_initialized():
-        from skyray.executors.ray import EMULATED_SLOT
+    from skyray.executors.ray import ensure_ray
 
-        # The same start as RayExecutor, which reuses this Ray for the render that follows.
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(resources={EMULATED_SLOT: 64}, include_dashboard=False, log_to_driver=False)
+    ensure_ray(address)  # the same Ray the render that follows uses
     gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
     actor = ray.remote(_EnhancerActor).options(
         name=f"{ACTOR_PREFIX}{uuid.uuid4().hex[:8]}", num_cpus=1, num_gpus=gpus, max_restarts=0

@@ -26,6 +26,17 @@ log = logging.getLogger("skyray.ray")
 EMULATED_SLOT = "skyray_slot"
 
 
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to ``address`` (a cluster), or start a local Ray whose CPU-emulated groups have slots to bind."""
+    if ray.is_initialized():
+        return
+    # Actor logs and tqdm_ray bars are shown by this (driver) process.
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(resources={EMULATED_SLOT: 64}, include_dashboard=False)
+
+
 class _GroupWorker:
     """Ray actor body: one rank of a group. ``setup`` joins the group's process group (K > 1) and loads the model."""
 
@@ -138,12 +149,7 @@ class RayExecutor(Executor):
         collective_timeout_s: float = 600.0,
         max_writers: int = 2,
     ) -> None:
-        if not ray.is_initialized():
-            # Actor logs and tqdm_ray bars are shown by this (driver) process.
-            if address:
-                ray.init(address=address)
-            else:
-                ray.init(resources={EMULATED_SLOT: 64}, include_dashboard=False)
+        ensure_ray(address)
         self.model = model
         self.groups = groups
         self.gpus_per_group = gpus_per_group
