@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--groups", type=int, default=1, help="renderer actors (one model replica each)")
     b.set_defaults(func=cmd_batch)
 
+    from skyray.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
+
     m = sub.add_parser("model", help="model utilities")
     m.add_argument("action", choices=["export", "info"])
     m.add_argument("model", help="'tiny', a diffusers folder or a hub id")

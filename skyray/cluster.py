@@ -75,6 +75,8 @@ class ClusterSettings(BaseModel):
     head_memory_gib: PositiveInt
     storage_class: str | None = Field(description="ReadWriteMany storage class for both volumes; null: default")
     model_cache_size: str = Field(pattern=r"^\d+(Ki|Mi|Gi|Ti)$")
+    serve_model: str = "Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers"
+    """The model the RayService renders with (downloaded into HF_HOME on first use)."""
     output_size: str = Field(pattern=r"^\d+(Ki|Mi|Gi|Ti)$")
     job_ttl_seconds: NonNegativeInt = Field(description="keep a finished RayJob's cluster this long (logs)")
     film_deadline_seconds: PositiveInt = Field(description="the longest a film may take (RayJob, Serve replica)")
@@ -325,6 +327,16 @@ def serve_config(s: ClusterSettings) -> dict:
                 "name": "skyray",
                 "route_prefix": "/",
                 "import_path": SERVE_IMPORT_PATH,
+                # The app's settings (skyray.serve.options): jobs and outputs on the shared output volume.
+                "runtime_env": {
+                    "env_vars": {
+                        "SKYRAY_MODEL": s.serve_model,
+                        "SKYRAY_DATA_DIR": f"{OUTPUT_DIR}/serve",
+                        "SKYRAY_GPUS_PER_REPLICA": str(s.gpus_per_group),
+                        "SKYRAY_MAX_REPLICAS": str(s.max_groups),
+                        "SKYRAY_MIN_REPLICAS": str(s.min_groups),
+                    }
+                },
                 "deployments": [
                     # No CPU asked: the Ingress fits on the num-cpus-0 head, so no GPU pod starts just to host it.
                     {"name": "Ingress", "ray_actor_options": {"num_cpus": 0}},
@@ -341,7 +353,8 @@ def serve_config(s: ClusterSettings) -> dict:
                         },
                         # Scaling down waits for a replica's film to finish instead of cutting it off.
                         "graceful_shutdown_timeout_s": s.film_deadline_seconds,
-                        "ray_actor_options": {"num_cpus": RENDERER_ACTOR_CPUS},
+                        # Serve gives a replica a GPU only through num_gpus (these options replace the app's own).
+                        "ray_actor_options": {"num_cpus": RENDERER_ACTOR_CPUS, "num_gpus": 1},
                         "placement_group_bundles": bundles,
                         "placement_group_strategy": "STRICT_PACK",
                     },

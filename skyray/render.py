@@ -258,57 +258,62 @@ def render_film(
         location.push([f"shots/{st.plan.id}{ext}" for ext in (".mp4", ".tail.safetensors", ".safetensors", ".json")])
         emit({"type": "shot_done", "shot": st.plan.id, "frames": res.frames, "path": res.path})
 
-    while True:
-        if should_stop is not None and should_stop():
-            raise RenderCancelled("render cancelled; finished shots and window checkpoints are kept")
-        for st in ready_shots():
-            if not free:
-                break
-            submit(st, free.pop(0))
-        if not in_flight:
-            if all(st.done for st in state.values()):
-                break
-            if not ready_shots():
-                raise RenderFailed("render stalled: shots remain but none can start")
-            continue
-        handles = [v[0] for v in in_flight.values()]
-        try:
-            h = executor.wait_any(handles)
-        except _WindowError as err:
-            h = err.handle
+    try:
+        while True:
+            if should_stop is not None and should_stop():
+                raise RenderCancelled("render cancelled; finished shots and window checkpoints are kept")
+            for st in ready_shots():
+                if not free:
+                    break
+                submit(st, free.pop(0))
+            if not in_flight:
+                if all(st.done for st in state.values()):
+                    break
+                if not ready_shots():
+                    raise RenderFailed("render stalled: shots remain but none can start")
+                continue
+            handles = [v[0] for v in in_flight.values()]
+            try:
+                h = executor.wait_any(handles)
+            except _WindowError as err:
+                h = err.handle
+                _, sid, group = in_flight.pop(id(h))
+                st = state[sid]
+                key = (sid, st.next)
+                retries[key] = retries.get(key, 0) + 1
+                if retries[key] > MAX_RETRIES or not executor.recover(group, err.cause):
+                    raise RenderFailed(f"shot {sid!r} window {st.next} failed {retries[key]} time(s): {err.cause}") from err.cause
+                emit({"type": "retry", "shot": sid, "window": st.next, "group": group, "error": str(err.cause)})
+                # Resume from disk rather than from an object that may have died with the failed group.
+                executor.flush(st.chain)
+                prev = checkpoint_path(ckpt_dir, sid, st.next - 1)
+                if st.next > 0 and prev.is_file():
+                    handoffs[sid] = str(prev)
+                job = st.jobs[st.next]
+                nh = executor.submit(group, job, handoffs[sid])
+                in_flight[id(nh)] = (nh, sid, group)
+                continue
             _, sid, group = in_flight.pop(id(h))
             st = state[sid]
-            key = (sid, st.next)
-            retries[key] = retries.get(key, 0) + 1
-            if retries[key] > MAX_RETRIES or not executor.recover(group, err.cause):
-                raise RenderFailed(f"shot {sid!r} window {st.next} failed {retries[key]} time(s): {err.cause}") from err.cause
-            emit({"type": "retry", "shot": sid, "window": st.next, "group": group, "error": str(err.cause)})
-            # Resume from disk rather than from an object that may have died with the failed group.
-            executor.flush(st.chain)
-            prev = checkpoint_path(ckpt_dir, sid, st.next - 1)
-            if st.next > 0 and prev.is_file():
-                handoffs[sid] = str(prev)
-            job = st.jobs[st.next]
-            nh = executor.submit(group, job, handoffs[sid])
-            in_flight[id(nh)] = (nh, sid, group)
-            continue
-        _, sid, group = in_flight.pop(id(h))
-        st = state[sid]
-        meta = executor.meta(h)
-        wmeta = {"index": meta.index, "seconds": round(meta.seconds, 3), "forwards": meta.forwards,
-                 "worker": meta.worker, "retries": retries.get((sid, meta.index), 0)}
-        st.windows.append(wmeta)
-        ck = checkpoint_path(ckpt_dir, sid, meta.index)
-        executor.add_window(st.chain, sid, h, str(ck), {"hash": st.hash, "shot": sid, "window": meta.index,
-                                                        "window_meta": wmeta})
-        handoffs[sid] = executor.handoff(h)
-        st.last = h
-        st.next += 1
-        emit({"type": "window", "shot": sid, "window": meta.index, "windows": len(st.jobs),
-              "seconds": meta.seconds, "group": group})
-        if st.next == len(st.jobs):
-            finish(st)
-        free.append(group)
+            meta = executor.meta(h)
+            wmeta = {"index": meta.index, "seconds": round(meta.seconds, 3), "forwards": meta.forwards,
+                     "worker": meta.worker, "retries": retries.get((sid, meta.index), 0)}
+            st.windows.append(wmeta)
+            ck = checkpoint_path(ckpt_dir, sid, meta.index)
+            executor.add_window(st.chain, sid, h, str(ck), {"hash": st.hash, "shot": sid, "window": meta.index,
+                                                            "window_meta": wmeta})
+            handoffs[sid] = executor.handoff(h)
+            st.last = h
+            st.next += 1
+            emit({"type": "window", "shot": sid, "window": meta.index, "windows": len(st.jobs),
+                  "seconds": meta.seconds, "group": group})
+            if st.next == len(st.jobs):
+                finish(st)
+            free.append(group)
+    except BaseException:
+        # Nothing half-written survives a failed or cancelled render; finished shots and checkpoints stay.
+        executor.abort_open()
+        raise
 
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     film_path = _assemble(plan, out, state)

@@ -157,6 +157,8 @@ def test_resume_mid_shot_from_window_checkpoint(executor, tmp_path):
     with pytest.raises(RenderCancelled):
         render_film(plan, out, executor, save_latents=True, on_event=on_event, should_stop=lambda: seen["windows"] >= 1)
     assert (out / "checkpoints" / "a" / "w0000.safetensors").is_file()
+    # The clip that was being written is dropped whole: no partial mp4, no temp file, no ffmpeg left behind.
+    assert not list((out / "shots").glob("*a*.mp4*")) and not [p for p in (out / "shots").iterdir() if p.name.startswith(".")]
     manifest = render_film(plan, out, executor, save_latents=True)
     assert manifest["shots"][0]["windows"][0].get("resumed") is True
     for sid in ("a", "b", "c"):

@@ -59,6 +59,9 @@ class Executor(ABC):
     def flush(self, chain: int) -> None:  # noqa: B027 - optional hook
         """Block until the chain's writer has taken (and checkpointed) every window sent so far."""
 
+    def abort_open(self) -> None:  # noqa: B027 - optional hook
+        """Drop every shot still being written (their ffmpeg processes end; nothing partial is kept)."""
+
     def recover(self, group: int, error: BaseException) -> bool:
         """Replace a failed group; False if it cannot be replaced (the render then stops)."""
         return False

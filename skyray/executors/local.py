@@ -45,6 +45,10 @@ class LocalExecutor(Executor):
         else:
             self._writers[chain].add(shot_id, handle[0], handle[1], checkpoint, meta)
 
+    def abort_open(self) -> None:
+        for w in self._writers.values():
+            w.abort_all()
+
     def finish_shot(self, chain, shot_id, keep_state):
         return self._writers[chain].finish(shot_id, keep_state)
 

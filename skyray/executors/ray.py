@@ -117,6 +117,9 @@ class _ChainWriterActor:
     def finish(self, shot_id, keep_state):
         return self.writer.finish(shot_id, keep_state)
 
+    def abort_all(self) -> None:
+        self.writer.abort_all()
+
 
 @dataclass
 class _Group:
@@ -301,6 +304,9 @@ class RayExecutor(Executor):
         result = ray.get(self._writer(chain).finish.remote(shot_id, keep_state))
         self.flush(chain)
         return result
+
+    def abort_open(self) -> None:
+        ray.get([w.abort_all.remote() for w in self._writers.values()])
 
     def shutdown(self) -> None:
         for w in self._writers.values():

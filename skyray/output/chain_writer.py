@@ -126,6 +126,11 @@ class ChainWriter:
             self._after[shot_id] = o.decoder
         return ShotResult(shot_id, o.frames, str(path), o.seconds + time.perf_counter() - t0, latents_path)
 
+    def abort_all(self) -> None:
+        """Close every unfinished clip without keeping it (the render stopped; finished shots stay)."""
+        for shot_id in list(self._open):
+            self.abort(shot_id)
+
     def abort(self, shot_id: str) -> None:
         o = self._open.pop(shot_id, None)
         if o is not None:

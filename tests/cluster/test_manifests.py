@@ -4,7 +4,6 @@ other, with the image layout (cluster/Dockerfile) and with cluster/values.yaml, 
 
 from __future__ import annotations
 
-import ast
 import copy
 import importlib.util
 import re
@@ -343,23 +342,21 @@ def test_pods_have_shared_memory_and_the_model_cache(by_kind: dict[str, list[dic
 # Code and image layout the manifests point at
 
 
-def test_serve_import_path_names_a_module_that_defines_app(by_kind: dict[str, list[dict]]) -> None:
+def test_serve_import_path_names_a_module_that_defines_app(by_kind: dict[str, list[dict]], monkeypatch) -> None:
+    from ray.serve import Application
+
     (app,) = serve_config(by_kind)["applications"]
     module, attribute = app["import_path"].split(":")
     spec = importlib.util.find_spec(module)
     # A folder without __init__.py is a namespace package: found, but nothing Serve could import `app` from.
     assert spec is not None and spec.origin is not None, f"{module} is not an importable module yet"
-    tree = ast.parse(Path(spec.origin).read_text())
-    bound: set[str] = set()
-    for node in tree.body:
-        if isinstance(node, ast.Assign | ast.AnnAssign):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            bound |= {t.id for t in targets if isinstance(t, ast.Name)}
-        elif isinstance(node, ast.ImportFrom | ast.Import):
-            bound |= {a.asname or a.name for a in node.names}
-        elif isinstance(node, ast.FunctionDef | ast.ClassDef):
-            bound.add(node.name)
-    assert attribute in bound, f"{spec.origin} binds no top-level `{attribute}`"
+    # Resolve the attribute the way Serve will, with the app's own environment from serveConfigV2 (plus the
+    # API token the pods get from their Secret).
+    for key, value in app.get("runtime_env", {}).get("env_vars", {}).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SKYRAY_API_TOKEN", "k8s-secret-token-0123456789")
+    bound = getattr(importlib.import_module(module), attribute)
+    assert isinstance(bound, Application), f"{module}:{attribute} is a {type(bound).__name__}, not a Serve app"
     # Serve matches serveConfigV2's deployments to the app's by name: an unknown name fails the deploy.
     package = Path(spec.origin).parent if spec.submodule_search_locations else Path(spec.origin)
     sources = [package] if package.is_file() else sorted(package.rglob("*.py"))

@@ -1,0 +1,328 @@
+"""Turn an HTTP request into a job: a resolved storyboard, its input files, and the limits it must respect.
+
+A shot request becomes a one-shot storyboard.  A shot that continues an earlier job becomes that job's
+storyboard plus one shot with ``continue_from`` its last shot, rendered in a fresh folder into which the earlier
+job's finished shot files (clip, record and saved tail latents) are copied: ``render_film`` recognises them by
+content hash, reuses them instead of re-rendering, and starts the new shot from the saved tail latents, exactly
+as a re-run of a longer storyboard would.  The job's video is the new shot's clip.
+
+Everything is checked here, before a job is accepted: storyboard errors (422, with the storyboard's own
+line-numbered message), served models, frame/resolution/step limits, and uploaded images (413 when too large).
+Clients never name server paths: images arrive as base64 and are written into the job's ``inputs/`` folder, and
+storyboards sent over HTTP may not reference files at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import io
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from skyray.plan import FilmPlan, compile_plan
+from skyray.serve.options import ServeOptions
+from skyray.serve.schema import SAMPLING_FIELDS, ShotRequest
+from skyray.serve.store import DONE, Job
+from skyray.storyboard import Storyboard, StoryboardError, parse_resolution, parse_storyboard, storyboard_from_data
+
+FILE_FIELDS = ("image", "end_image", "video")
+IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+YAML_TYPES = ("application/x-yaml", "application/yaml", "text/yaml", "text/x-yaml")
+JSON_TYPES = ("application/json",)
+MAX_YAML_ALIASES = 64
+
+
+class Rejected(Exception):
+    """A request that cannot become a job: HTTP ``status`` and a message for the client."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers
+
+
+@dataclass(frozen=True)
+class Admitted:
+    job_id: str
+    kind: str
+    model: str
+    storyboard: dict
+    video: str  # relative to the job folder
+    parent: str | None
+    windows: int
+    frames: int
+
+
+# ------------------------------------------------------------------------------------------------------- shots
+
+
+def admit_shot(req: ShotRequest, job_id: str, job_dir: Path, options: ServeOptions, parent: Job | None) -> Admitted:
+    """Validate a shot request and prepare ``job_dir`` (inputs; for a continuation, the parent's shots)."""
+    inputs = job_dir / "inputs"
+    shot: dict[str, Any] = {"id": job_id, "prompt": req.prompt}
+    for name in ("frames", "duration", "seed", *SAMPLING_FIELDS):
+        value = getattr(req, name)
+        if value is not None:
+            shot[name] = value
+    for name in ("image", "end_image"):
+        data = getattr(req, name)
+        if data is not None:
+            shot[name] = str(_write_image(data, name, inputs, options))
+
+    if parent is None:
+        model = _served_model(req.model, options)
+        film: dict[str, Any] = {"title": req.title or f"shot {job_id}", "model": model, "shots": [shot]}
+        if req.resolution is not None:
+            film["resolution"] = req.resolution
+        if req.fps is not None:
+            film["fps"] = req.fps
+        rendered = {job_id}
+    else:
+        film = _continuation(req, parent, shot, options)
+        model = film["model"]
+        rendered = {job_id}
+
+    sb = _resolve(film, inputs, f"shot request {job_id}")
+    _check_limits(sb, rendered, options)
+    plan = _plan(sb)
+    if parent is not None:
+        _check_tail(plan, job_id, parent, options)
+        _copy_parent_shots(parent, plan, job_dir, options)
+    windows = sum(len(s.windows) for s in plan.shots if s.id in rendered)
+    return Admitted(job_id, "shot", model, film, f"shots/{job_id}.mp4", parent.id if parent else None, windows,
+                    plan.shot(job_id).frames)
+
+
+def _continuation(req: ShotRequest, parent: Job, shot: dict, options: ServeOptions) -> dict:
+    if parent.status != DONE:
+        raise Rejected(409, f"continue_from: job {parent.id} is {parent.status}; only a finished (done) job "
+                            "can be continued")
+    film = copy.deepcopy(parent.storyboard)
+    if req.model is not None and req.model != film["model"]:
+        raise Rejected(422, f"model: a continuation renders with its parent's model {film['model']!r}, "
+                            f"not {req.model!r}")
+    _served_model(film["model"], options)
+    if req.fps is not None and req.fps != film.get("fps", 24):
+        raise Rejected(422, f"fps: a continuation keeps its parent's fps ({film.get('fps', 24)}), got {req.fps}")
+    if req.resolution is not None:
+        try:
+            same = parse_resolution(req.resolution) == parse_resolution(film.get("resolution", "540p"))
+        except ValueError as exc:
+            raise Rejected(422, f"resolution: {exc}") from None
+        if not same:
+            raise Rejected(422, f"resolution: a continuation keeps its parent's resolution "
+                                f"({film.get('resolution', '540p')}), got {req.resolution!r}")
+    if req.image is not None:
+        raise Rejected(422, "image: a continuation opens with its parent's last frames, not an image; "
+                            "drop 'image' or drop 'continue_from'")
+    shot["continue_from"] = film["shots"][-1]["id"]
+    film["shots"].append(shot)
+    return film
+
+
+def _check_tail(plan: FilmPlan, job_id: str, parent: Job, options: ServeOptions) -> None:
+    """The parent saved only its own hand-off length of tail latents; the new shot may not ask for more."""
+    from safetensors import safe_open
+
+    shot = plan.shot(job_id)
+    tail_path = options.jobs_dir / parent.id / "shots" / f"{shot.continues}.tail.safetensors"
+    try:
+        with safe_open(str(tail_path), "pt") as f:
+            have = f.get_slice("tail").get_shape()[2]
+    except (OSError, KeyError, IndexError) as exc:
+        raise Rejected(409, f"continue_from: job {parent.id} has no saved tail latents ({exc.__class__.__name__}); "
+                            "it cannot be continued") from None
+    if shot.first_prefix > have:
+        raise Rejected(422, f"overlap_history {shot.sampling.overlap_history} needs the last {shot.first_prefix} "
+                            f"latents of job {parent.id}, which saved {have}; use its overlap_history "
+                            f"({plan.shot(shot.continues).sampling.overlap_history}) or less")
+
+
+def _copy_parent_shots(parent: Job, plan: FilmPlan, job_dir: Path, options: ServeOptions) -> None:
+    src, dst = options.jobs_dir / parent.id / "shots", job_dir / "shots"
+    dst.mkdir(parents=True, exist_ok=True)
+    for s in plan.shots:
+        if s.id == job_dir.name:
+            continue
+        for name in (f"{s.id}.mp4", f"{s.id}.json", f"{s.id}.tail.safetensors"):
+            if (src / name).is_file():
+                _link_or_copy(src / name, dst / name)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # Finished files are never rewritten in place (every writer renames a temporary), so a hard link is safe.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# ------------------------------------------------------------------------------------------------------- films
+
+
+def admit_film(body: bytes, content_type: str, job_id: str, job_dir: Path, options: ServeOptions) -> Admitted:
+    """Validate a storyboard sent as YAML or JSON; errors carry the storyboard's line numbers."""
+    try:
+        return _admit_film(body, content_type, job_id, job_dir, options)
+    except RecursionError:  # YAML and JSON parsers recurse per nesting level
+        raise Rejected(422, "the storyboard is nested too deeply") from None
+
+
+def _admit_film(body: bytes, content_type: str, job_id: str, job_dir: Path, options: ServeOptions) -> Admitted:
+    media = content_type.split(";")[0].strip().lower()
+    if media not in YAML_TYPES + JSON_TYPES:
+        raise Rejected(415, f"send the storyboard as application/json or application/x-yaml (text/yaml), "
+                            f"not {media or 'no content type'}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejected(422, "the storyboard is not UTF-8 text") from None
+    _check_aliases(text)
+    raw = _raw_data(text)
+    if isinstance(raw, dict):
+        _check_no_files(raw)
+        if "model" in raw:
+            if not isinstance(raw["model"], str):
+                raise Rejected(422, f"model: expected a string, got {type(raw['model']).__name__}")
+            _served_model(raw["model"], options)
+    inputs = job_dir / "inputs"
+    # First pass on the text itself, for line-numbered messages; the job keeps the parsed data.
+    try:
+        parse_storyboard(text, inputs, source_name="storyboard")
+    except StoryboardError as err:
+        raise Rejected(422, str(err)) from None
+    assert isinstance(raw, dict)  # parse_storyboard rejects anything else
+    film = {**raw, "model": raw.get("model", options.default_model)}
+    sb = _resolve(film, inputs, "storyboard")
+    _check_limits(sb, {s.id for s in sb.shots}, options)
+    plan = _plan(sb)
+    return Admitted(job_id, "film", film["model"], film, "film.mp4", None,
+                    sum(len(s.windows) for s in plan.shots), plan.frames)
+
+
+def _check_aliases(text: str) -> None:
+    """YAML aliases can nest into an exponentially large document ("billion laughs"); storyboards need few."""
+    if "*" not in text:
+        return
+    aliases = 0
+    try:
+        for token in yaml.scan(text):
+            if isinstance(token, yaml.AliasToken):
+                aliases += 1
+                if aliases > MAX_YAML_ALIASES:
+                    raise Rejected(422, f"the storyboard uses more than {MAX_YAML_ALIASES} YAML aliases")
+    except yaml.YAMLError:
+        return  # parse_storyboard reports it with a line number
+
+
+def _raw_data(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        try:
+            return json.loads(text)
+        except ValueError:
+            return None  # parse_storyboard reports it with a line number
+
+
+def _check_no_files(raw: dict) -> None:
+    shots = raw.get("shots")
+    if not isinstance(shots, list):
+        return
+    for i, shot in enumerate(shots):
+        if isinstance(shot, dict):
+            for name in FILE_FIELDS:
+                if name in shot:
+                    label = f"shot '{shot['id']}'" if isinstance(shot.get("id"), str) else f"shots[{i}]"
+                    raise Rejected(422, f"{label} field '{name}': storyboards sent over HTTP cannot reference "
+                                        "files on the server; send the shot to POST /v1/shots with the image as "
+                                        "base64")
+
+
+# ----------------------------------------------------------------------------------------------------- shared
+
+
+def _served_model(model: str | None, options: ServeOptions) -> str:
+    if model is None:
+        return options.default_model
+    if model not in options.models:
+        raise Rejected(422, f"model {model!r} is not served here (served: {', '.join(options.models)})")
+    return model
+
+
+def _resolve(film: dict, base_dir: Path, source: str) -> Storyboard:
+    try:
+        return storyboard_from_data(film, base_dir, source)
+    except StoryboardError as err:
+        raise Rejected(422, str(err)) from None
+
+
+def _plan(sb) -> FilmPlan:
+    try:
+        return compile_plan(sb)
+    except StoryboardError as err:
+        raise Rejected(422, str(err)) from None
+
+
+def _check_limits(sb: Storyboard, rendered: set[str], options: ServeOptions) -> None:
+    """The server's limits, checked on the resolved storyboard: before planning, whose cost grows with them."""
+    problems = []
+    width, height = sb.width, sb.height
+    if width > options.max_side or height > options.max_side or width * height > options.max_pixels:
+        problems.append(f"resolution {width}x{height} is over this server's limit (at most "
+                        f"{options.max_side} a side and {options.max_pixels} pixels)")
+    shots = [i for i, s in enumerate(sb.shots) if s.id in rendered]
+    if len(shots) > options.max_shots:
+        problems.append(f"{len(shots)} shots; this server renders at most {options.max_shots} per job")
+    frames = sum(sb.shots[i].frame_count for i in shots)
+    if frames > options.max_frames:
+        problems.append(f"{frames} frames to render; this server renders at most {options.max_frames} per job")
+    for name in ("steps", "ar_step"):
+        value = max(sb.setting(i, name) for i in shots)
+        if value > options.max_steps:
+            problems.append(f"{name} {value}; this server allows at most {options.max_steps}")
+    if problems:
+        raise Rejected(422, "; ".join(problems))
+
+
+_DATA_URI = re.compile(r"data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+
+
+def _write_image(data: str, name: str, inputs: Path, options: ServeOptions) -> Path:
+    """Decode a base64 image, check it, write it as ``inputs/<name>.<ext>``; returns the path."""
+    from PIL import Image, UnidentifiedImageError
+
+    m = _DATA_URI.match(data)
+    text = re.sub(r"\s+", "", data[m.end():] if m else data)
+    if len(text) * 3 // 4 > options.max_image_bytes + 3:
+        raise Rejected(413, f"{name}: the image is over {options.max_image_bytes} bytes")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise Rejected(422, f"{name}: not valid base64") from None
+    if len(raw) > options.max_image_bytes:
+        raise Rejected(413, f"{name}: the image is {len(raw)} bytes, over the limit of {options.max_image_bytes}")
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            fmt, (w, h) = im.format, im.size
+            if fmt not in IMAGE_FORMATS:
+                raise Rejected(422, f"{name}: {fmt or 'unknown'} images are not accepted; send PNG, JPEG or WebP")
+            if w * h > options.max_image_pixels:
+                raise Rejected(413, f"{name}: {w}x{h} pixels is over the limit of {options.max_image_pixels}")
+            im.verify()
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()  # verify() skips the pixel data; a truncated file fails only here
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise Rejected(422, f"{name}: not a readable PNG, JPEG or WebP image ({exc.__class__.__name__})") from None
+    inputs.mkdir(parents=True, exist_ok=True)
+    path = inputs / f"{name}.{IMAGE_FORMATS[fmt]}"
+    path.write_bytes(raw)
+    return path

@@ -1,0 +1,56 @@
+"""Build the Serve application: one ``Ingress`` and one ``Renderer`` deployment per served model.
+
+A renderer replica is one GPU group: a placement group of ``gpus_per_replica`` bundles packed on one node
+(``STRICT_PACK``), the replica itself in the first bundle.  It takes one job at a time and scales between
+``min_replicas`` and ``max_replicas`` on the jobs waiting for it (``target_ongoing_requests=1``).
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from skyray.serve.ingress import Ingress
+from skyray.serve.options import ServeOptions
+from skyray.serve.renderer import Renderer
+
+
+def renderer_options(options: ServeOptions, index: int) -> dict:
+    """Deployment options of the renderer of ``options.models[index]``."""
+    gpus = options.gpus_per_replica
+    if gpus:
+        bundles = [{"CPU": options.cpus_per_replica, "GPU": 1} for _ in range(gpus)]
+        actor = {"num_cpus": options.cpus_per_replica, "num_gpus": 1}
+    else:
+        bundles = [{"CPU": options.cpus_per_replica}]
+        actor = {"num_cpus": options.cpus_per_replica}
+    return {
+        "name": "Renderer" if index == 0 else f"Renderer-{index}",
+        "ray_actor_options": actor,
+        "placement_group_bundles": bundles,
+        "placement_group_strategy": "STRICT_PACK",
+        "max_ongoing_requests": 1,
+        "max_queued_requests": -1,
+        "autoscaling_config": {
+            "min_replicas": options.min_replicas,
+            "initial_replicas": max(options.min_replicas, 1),
+            "max_replicas": options.max_replicas,
+            "target_ongoing_requests": 1,
+            "upscale_delay_s": 5,
+            "downscale_delay_s": 300,
+        },
+        "graceful_shutdown_timeout_s": options.graceful_shutdown_s,
+        "health_check_timeout_s": 120,  # a replica loading a large model or decoding 720p answers slowly
+    }
+
+
+def build_app(options: ServeOptions) -> Application:
+    """The bound application (``serve.run(build_app(opts), route_prefix="/")``); refuses to build without a token
+    unless ``insecure_no_auth``."""
+    options.check_auth()
+    hashes = options.token_hashes
+    replica_options = options.for_replicas()
+    renderers = {
+        model: Renderer.options(**renderer_options(options, i)).bind(replica_options, model)
+        for i, model in enumerate(options.models)
+    }
+    return Ingress.bind(replica_options, hashes, renderers)

@@ -1,0 +1,245 @@
+"""The renderer: one Serve replica = one GPU group holding one warm model, rendering one job at a time.
+
+A job renders through the same path as ``skyray render``: ``storyboard_from_data`` -> ``compile_plan`` ->
+``render_film`` into ``<data_dir>/jobs/<id>/``.  Progress goes straight into the job store (window i of n, ETA,
+a preview per window); ``should_stop`` reads the store, so a cancel or a newer attempt stops the render at the
+next window boundary.  Because ``render_film`` keeps finished shots and per-window checkpoints, running a job
+again in the same folder (after a replica or ingress restart) resumes it from its last finished window.
+
+Preview frames: the last latent of each finished window decoded on its own by the replica's VAE (one frame, no
+causal context, so colours can differ slightly from the final clip), as a small JPEG.  Decoding one latent is
+cheap next to a window's sampling.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from skyray.executors.local import LocalExecutor
+from skyray.serve.options import ServeOptions
+from skyray.serve.store import CANCELLED, DONE, FAILED, INTERRUPTED, RUNNING, STALE, JobStore
+
+log = logging.getLogger("skyray.serve")
+WINDOW_BUCKETS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320, 640]
+
+
+class ReplicaExecutor(LocalExecutor):
+    """The local executor, kept warm across jobs: remembers each window's last latent (for previews) and can
+    close the clips a stopped render left open (``render_film`` leaves them to its executor)."""
+
+    def __init__(self, model: str, device: str | None = None) -> None:
+        super().__init__(model, device)
+        self.last_latent = None
+        self._open: set[tuple[int, str]] = set()
+
+    def begin_shot(self, chain, shot_id, parent, parent_tail, save_latents) -> None:
+        super().begin_shot(chain, shot_id, parent, parent_tail, save_latents)
+        self._open.add((chain, shot_id))
+
+    def add_window(self, chain, shot_id, handle, checkpoint, meta) -> None:
+        super().add_window(chain, shot_id, handle, checkpoint, meta)
+        if not isinstance(handle, str):
+            self.last_latent = handle[0].latents[:, :, -1:]
+
+    def finish_shot(self, chain, shot_id, keep_state):
+        self._open.discard((chain, shot_id))
+        return super().finish_shot(chain, shot_id, keep_state)
+
+    def abort_open(self) -> None:
+        for chain, shot_id in self._open:
+            self._writers[chain].abort(shot_id)
+        self._open.clear()
+
+    def reset(self) -> None:
+        """Forget the last film (its chain writers keep decoder state for continuing shots)."""
+        self.abort_open()
+        self._writers.clear()
+        self.last_latent = None
+
+    def preview(self, size: int) -> str | None:
+        """The last window's last latent as a base64 JPEG at most ``size`` pixels a side."""
+        if self.last_latent is None or size <= 0:
+            return None
+        from PIL import Image
+
+        from skyray.engine.decode import StreamingDecoder
+
+        frame = StreamingDecoder(self.worker.components.vae).push(self.last_latent)[-1]
+        im = Image.fromarray(frame)
+        im.thumbnail((size, size))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=80)
+        return base64.b64encode(buf.getvalue()).decode()
+
+
+class JobProgress:
+    """Window i of n across a film, and an ETA from this run's window times."""
+
+    def __init__(self, plan) -> None:
+        self.windows = {s.id: len(s.windows) for s in plan.shots}
+        self.done: dict[str, int] = dict.fromkeys(self.windows, 0)
+        self.seconds: list[float] = []
+        self.shot: str | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.windows.values())
+
+    @property
+    def finished(self) -> int:
+        return sum(self.done.values())
+
+    def eta(self) -> float | None:
+        if not self.seconds:
+            return None
+        recent = self.seconds[-8:]
+        return round(sum(recent) / len(recent) * (self.total - self.finished), 2)
+
+    def update(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "plan":
+            for sid in event["reused"]:
+                self.done[sid] = self.windows[sid]
+        elif kind == "shot_start":
+            self.shot = event["shot"]
+        elif kind == "window":
+            self.done[event["shot"]] = max(self.done[event["shot"]], event["window"] + 1)
+            self.seconds.append(float(event["seconds"]))
+        elif kind == "shot_done":
+            self.done[event["shot"]] = self.windows[event["shot"]]
+
+
+def run_job(store: JobStore, job_id: str, attempt: int, executor: ReplicaExecutor, jobs_dir: Path,
+            preview_size: int = 256, metrics: dict[str, Any] | None = None,
+            stopping: Callable[[], bool] = lambda: False) -> str:
+    """Render one attempt of a job; returns its final status ('done', 'failed', 'cancelled'), 'stale' (a newer
+    attempt owns the job) or 'interrupted' (``stopping()``: this replica is shutting down; the job stays running
+    until the dispatcher, or a restarted ingress, queues it again)."""
+    from skyray.plan import compile_plan
+    from skyray.render import RenderCancelled, render_film
+    from skyray.storyboard import storyboard_from_data
+
+    job = store.get(job_id)
+    if job is None:
+        return STALE
+    started = store.start(job_id, attempt)
+    if started != RUNNING:
+        return started
+    out = jobs_dir / job_id
+    try:
+        plan = compile_plan(storyboard_from_data(job.storyboard, out / "inputs", f"job {job_id}"))
+    except Exception as exc:  # the store outlived the inputs, or a new version validates differently
+        store.finish(job_id, attempt, FAILED, f"cannot plan the job: {exc}")
+        return FAILED
+    progress = JobProgress(plan)
+    store.progress(job_id, attempt, 0, progress.total, None, None)
+
+    def on_event(event: dict) -> None:
+        progress.update(event)
+        kind = event["type"]
+        data: dict[str, Any] | None = None
+        if kind == "window":
+            data = {"shot": event["shot"], "window": event["window"], "windows": event["windows"],
+                    "seconds": round(float(event["seconds"]), 3)}
+            if metrics:
+                metrics["window_seconds"].observe(float(event["seconds"]))
+            try:
+                jpeg = executor.preview(preview_size)
+            except Exception:  # a preview is a nicety; never fail a render for it
+                log.exception("preview failed for job %s", job_id)
+                jpeg = None
+            if jpeg:
+                data["preview"] = {"format": "jpeg", "base64": jpeg}
+        elif kind == "shot_start":
+            data = {"shot": event["shot"], "windows": event["windows"]}
+        elif kind == "shot_done":
+            data = {"shot": event["shot"], "frames": event["frames"]}
+        elif kind == "retry":
+            data = {"shot": event["shot"], "window": event["window"], "error": event["error"]}
+        elif kind == "plan":
+            data = {"shots": event["shots"], "windows": event["windows"], "reused": event["reused"]}
+        if data is not None:
+            data.update(windows_done=progress.finished, windows_total=progress.total)
+        store.progress(job_id, attempt, progress.finished, progress.total, progress.shot, progress.eta(),
+                       (kind, data) if data is not None else None)
+
+    t0 = time.perf_counter()
+    executor.reset()
+    try:
+        render_film(plan, out, executor, on_event=on_event,
+                    should_stop=lambda: stopping() or store.should_stop(job_id, attempt))
+    except RenderCancelled:
+        if stopping():
+            return INTERRUPTED
+        now = store.get(job_id)
+        if now is None or now.attempt != attempt or not now.cancel_requested:
+            return STALE  # handed back to the queue (a restarted ingress) or to a newer attempt: not cancelled
+        status, error = CANCELLED, None
+    except Exception as exc:
+        if stopping():  # a replica being stopped loses its ffmpeg children first: not the job's fault
+            log.warning("job %s interrupted by shutdown: %s", job_id, exc)
+            return INTERRUPTED
+        log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+        status, error = FAILED, f"{exc.__class__.__name__}: {exc}"
+    else:
+        status, error = DONE, None
+    finally:
+        executor.reset()
+    log.info("job %s attempt %d: %s in %.1f s", job_id, attempt, status, time.perf_counter() - t0)
+    if not store.finish(job_id, attempt, status, error):
+        return STALE
+    if metrics:
+        metrics["jobs_finished"].inc(tags={"status": status})
+    return status
+
+
+@serve.deployment(name="Renderer", max_ongoing_requests=1)
+class Renderer:
+    """A model replica; the ingress's dispatcher calls ``render(job_id, attempt)`` once per job."""
+
+    def __init__(self, options: ServeOptions, model: str) -> None:
+        from ray.util import metrics
+
+        self.options = options
+        if options.gpus_per_replica and options.device is None:
+            import torch
+
+            if not torch.cuda.is_available():
+                # Serve gives the replica a GPU only through ray_actor_options.num_gpus; a config that overrides
+                # those options without it would otherwise render on the CPU, thousands of times slower.
+                raise RuntimeError(
+                    "this Renderer replica sees no GPU although gpus_per_replica="
+                    f"{options.gpus_per_replica}: give the deployment ray_actor_options num_gpus: 1 "
+                    "(the replica uses its group's first GPU), or set SKYRAY_GPUS_PER_REPLICA=0 to render on CPU")
+        self.store = JobStore(options.db_path)
+        self._stopping = threading.Event()
+        self.executor = ReplicaExecutor(model, options.device)  # loaded once, reused by every job
+        tags = {"model": model}
+        self.metrics = {
+            "window_seconds": metrics.Histogram(
+                "skyray_window_seconds", "Seconds to sample one window", boundaries=WINDOW_BUCKETS,
+                tag_keys=("model",)),
+            "jobs_finished": metrics.Counter(
+                "skyray_jobs_finished", "Jobs finished, by final status", tag_keys=("model", "status")),
+        }
+        for m in self.metrics.values():
+            m.set_default_tags(tags)
+
+    def render(self, job_id: str, attempt: int) -> str:
+        return run_job(self.store, job_id, attempt, self.executor, self.options.jobs_dir, self.options.preview_size,
+                       self.metrics, self._stopping.is_set)
+
+    def __del__(self) -> None:
+        # Serve calls this when the replica is being stopped, after the grace period for the running job: stop
+        # it at the next window boundary, leaving its checkpoints for whichever replica picks it up again.
+        self._stopping.set()
