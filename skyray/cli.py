@@ -112,7 +112,8 @@ def make_executor(args, storyboard, plan):
     groups, gpus, layout = group_layout(args, storyboard, plan)
     guidance = any(s.sampling.guided for s in plan.shots)
     return RayExecutor(storyboard.model, groups=groups, gpus_per_group=gpus, address=args.address,
-                       parallel=layout if gpus > 1 else None, guidance=guidance)
+                       parallel=layout if gpus > 1 else None, guidance=guidance, max_writers=args.writers,
+                       decode_gpu=args.decode_gpu)
 
 
 def cmd_render(args) -> int:
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="Ray address ('auto', 'ray://host:10001'); default: start a local Ray")
     r.add_argument("--groups", type=int, help="GPU groups (model replicas)")
     r.add_argument("--gpus-per-group", type=int, help="GPUs per group (sequence/CFG parallel inside a group)")
+    r.add_argument("--writers", type=int, default=2, help="decoder/encoder actors (ray executor)")
+    r.add_argument("--decode-gpu", type=float, default=0.0,
+                   help="GPU share per decoder actor on GPU clusters (0: decode on CPU)")
     r.add_argument("--device", help="torch device for the local executor (default: cuda if available)")
     r.add_argument("--save-latents", action="store_true", help="also write shots/<id>.safetensors")
     r.add_argument("--dry-run", action="store_true", help="print the plan and stop")

@@ -99,11 +99,11 @@ class _GroupWorker:
 
 
 class _ChainWriterActor:
-    def __init__(self, model: str, width: int, height: int, fps: int, shots_dir: str) -> None:
+    def __init__(self, model: str, width: int, height: int, fps: int, shots_dir: str, device: str = "cpu") -> None:
         from skyray import models
         from skyray.output.chain_writer import ChainWriter
 
-        self.writer = ChainWriter(models.load_vae(model, "cpu"), shots_dir, width, height, fps)
+        self.writer = ChainWriter(models.load_vae(model, device), shots_dir, width, height, fps)
 
     def begin(self, shot_id, parent, parent_tail, save_latents) -> None:
         from skyray.output.chain_writer import load_handoff
@@ -151,6 +151,7 @@ class RayExecutor(Executor):
         guidance: bool = True,
         collective_timeout_s: float = 600.0,
         max_writers: int = 2,
+        decode_gpu: float = 0.0,
     ) -> None:
         ensure_ray(address)
         self.model = model
@@ -165,6 +166,7 @@ class RayExecutor(Executor):
         self.start_timeout_s = start_timeout_s
         self._groups = [self._start_group(g) for g in range(groups)]
         self.max_writers = max(1, max_writers)
+        self.decode_gpu = decode_gpu
         self._writers: dict[int, Any] = {}
         self._chain_writer: dict[int, int] = {}
         self._pending_adds: dict[int, list[Any]] = {}
@@ -273,9 +275,13 @@ class RayExecutor(Executor):
         # whose calls run in submission order, so its shots decode in order.
         slot = chain % self.max_writers
         if slot not in self._writers:
-            opts = {"num_cpus": 0} if not self.use_gpu else {"num_cpus": 1}
+            # Writers decode on the CPU unless given a share of a GPU (decode_gpu): the fp32 VAE at 540p wants one.
+            opts: dict[str, Any] = {"num_cpus": 0 if not self.use_gpu else 1}
+            device = "cpu"
+            if self.use_gpu and self.decode_gpu > 0:
+                opts["num_gpus"], device = self.decode_gpu, "cuda"
             self._writers[slot] = ray.remote(_ChainWriterActor).options(**opts).remote(
-                self.model, width, height, fps, shots_dir
+                self.model, width, height, fps, shots_dir, device
             )
             self._pending_adds[slot] = []
         self._chain_writer[chain] = slot
