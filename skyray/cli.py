@@ -113,7 +113,7 @@ def make_executor(args, storyboard, plan):
     guidance = any(s.sampling.guided for s in plan.shots)
     return RayExecutor(storyboard.model, groups=groups, gpus_per_group=gpus, address=args.address,
                        parallel=layout if gpus > 1 else None, guidance=guidance, max_writers=args.writers,
-                       decode_gpu=args.decode_gpu)
+                       decode_gpu=args.decode_gpu, progress=not args.quiet)
 
 
 def cmd_render(args) -> int:

@@ -55,7 +55,7 @@ class _GroupWorker:
         return init_method()
 
     def setup(self, rank: int, world: int, method: str | None, layout, guidance: bool, env: dict,
-              timeout_s: float, local_rank: int = 0) -> str:
+              timeout_s: float, local_rank: int = 0, progress: bool = True) -> str:
         from skyray.executors.worker import Worker
 
         parallel, device = None, self.device
@@ -68,7 +68,7 @@ class _GroupWorker:
             device = str(dev)
             parallel = GroupParallel.build(layout, family_of(self.model).heads, guidance, timeout_s)
         self.worker = Worker(self.model, device, parallel=parallel, name=self.name, broadcast=world > 1)
-        if rank == 0:
+        if rank == 0 and progress:
             self.worker.on_row = self._progress
         self._bar = None
         return self.name
@@ -152,6 +152,7 @@ class RayExecutor(Executor):
         collective_timeout_s: float = 600.0,
         max_writers: int = 2,
         decode_gpu: float = 0.0,
+        progress: bool = True,
     ) -> None:
         ensure_ray(address)
         self.model = model
@@ -167,6 +168,7 @@ class RayExecutor(Executor):
         self._groups = [self._start_group(g) for g in range(groups)]
         self.max_writers = max(1, max_writers)
         self.decode_gpu = decode_gpu
+        self.progress = progress
         self._writers: dict[int, Any] = {}
         self._chain_writer: dict[int, int] = {}
         self._pending_adds: dict[int, list[Any]] = {}
@@ -206,7 +208,8 @@ class RayExecutor(Executor):
                                                      "cuda" if self.use_gpu else "cpu"))
         try:
             if k == 1:
-                ray.get(actors[0].setup.remote(0, 1, None, None, self.guidance, {}, 0.0), timeout=self.start_timeout_s)
+                ray.get(actors[0].setup.remote(0, 1, None, None, self.guidance, {}, 0.0, 0, self.progress),
+                        timeout=self.start_timeout_s)
             else:
                 # vLLM's recipe: ranks sorted by node (the driver's first) and GPU id, rendezvous on rank 0's node.
                 ranks = assign_ranks(ray.get([a.placement.remote() for a in actors]), driver_ip=node_ip())
@@ -214,7 +217,8 @@ class RayExecutor(Executor):
                 ranks = sorted(ranks, key=lambda r: r.rank)
                 method = ray.get(actors[0].rendezvous.remote())
                 ray.get([a.setup.remote(r.rank, k, method, self.layout, self.guidance, env,
-                                        self.collective_timeout_s, r.local_rank) for a, r in zip(actors, ranks)],
+                                        self.collective_timeout_s, r.local_rank, self.progress)
+                         for a, r in zip(actors, ranks)],
                         timeout=self.start_timeout_s)
         except Exception:
             for a in actors:
