@@ -213,3 +213,34 @@ def test_output_to_a_pyarrow_uri(executor, tmp_path):
     events: list[dict] = []
     render_film(plan, uri, executor, on_event=_events(events))
     assert sorted(events[0]["reused"]) == ["a", "b", "c"]
+
+
+def test_repeated_failure_stops_with_a_clear_error_and_keeps_finished_shots(executor, tmp_path):
+    from skyray.render import RenderFailed, WindowError
+
+    class Flaky:
+        """The module's executor, but every window of shot 'c' fails (as a dying group would)."""
+
+        def __init__(self, inner):
+            self.inner, self.groups, self.recovered = inner, inner.groups, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def wait_any(self, handles):
+            h = self.inner.wait_any(handles)
+            if h[0].shot_id == "c":
+                raise WindowError(h, RuntimeError("GPU fell off the bus"))
+            return h
+
+        def recover(self, group, error):
+            self.recovered += 1
+            return True
+
+    plan = small_plan(tmp_path)
+    flaky = Flaky(executor)
+    with pytest.raises(RenderFailed, match=r"shot 'c' window 0 failed 3 time\(s\): GPU fell off the bus"):
+        render_film(plan, tmp_path / "out", flaky)
+    assert flaky.recovered == 2
+    shots = tmp_path / "out" / "shots"
+    assert (shots / "a.mp4").is_file() and (shots / "b.mp4").is_file() and not (shots / "c.mp4").exists()
