@@ -34,6 +34,13 @@ class Sampling:
     causal_attention: bool
     negative_prompt: str
     fps: int
+    # Acceleration (skyray.engine.sampler.SamplerConfig): cfg_batch, compile and attention move the latents only by
+    # floating-point rounding, offload not at all; TeaCache approximates (skipped block stacks).
+    cfg_batch: bool = True
+    teacache: float = 0.0  # threshold; 0: off
+    compile: bool = False
+    attention: str = "sdpa"
+    offload: bool = False
 
     @property
     def base_latents(self) -> int:
@@ -205,6 +212,7 @@ def _sampling(sb: Storyboard, i: int) -> Sampling:
     values["guidance_scale"] = float(values["guidance_scale"])
     values["shift"] = float(values["shift"])
     values["addnoise_condition"] = float(values["addnoise_condition"])
+    values["teacache"] = float(values["teacache"].threshold) if values["teacache"] is not None else 0.0
     return Sampling(**values, fps=sb.fps)
 
 

@@ -64,6 +64,11 @@ def sampler_config(shot: ShotPlan) -> SamplerConfig:
         addnoise_condition=int(round(s.addnoise_condition)),
         fps=s.fps,
         causal_attention=s.causal_attention,
+        batched_cfg=s.cfg_batch,
+        teacache=s.teacache,
+        compile=s.compile,
+        attention=s.attention,
+        offload=s.offload,
     )
 
 
@@ -109,6 +114,9 @@ def shot_hashes(plan: FilmPlan) -> dict[str, str]:
             s = plan.shot(sid)
             record = dataclasses.asdict(s)
             record.pop("index")
+            # How a shot is computed, not what it shows: changing these reuses finished shots.
+            for knob in ("cfg_batch", "compile", "attention", "offload"):
+                record["sampling"].pop(knob, None)
             record.pop("original_prompts")  # a record of what was written; the pixels follow `prompts`
             for key in ("image", "end_image", "video"):
                 record[key] = _file_digest(record[key])

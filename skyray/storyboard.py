@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -89,6 +89,12 @@ def _check_grid_setting(value: int | None, name: str) -> int | None:
     return value
 
 
+class TeaCacheSettings(_Model):
+    threshold: float = Field(ge=0)
+    """Accumulated rescaled change of the time embedding under which a row reuses the cached block residual
+    (SkyReels-V2 suggests 0.1 to 0.3; 0: off)."""
+
+
 class Defaults(_Model):
     """Sampling settings every shot inherits; each can be overridden on the shot itself."""
 
@@ -113,6 +119,16 @@ class Defaults(_Model):
     negative_prompt: str = ""
     enhance: bool = False
     """Rewrite the prompts with the prompt enhancer before encoding."""
+    cfg_batch: bool = True
+    """Run the conditional and unconditional passes as one batch-2 forward (equal to two forwards within 1e-5)."""
+    teacache: TeaCacheSettings | None = None
+    """Skip transformer blocks on rows whose timesteps barely moved (TeaCache); absent or threshold 0: off."""
+    compile: bool = False
+    """torch.compile the transformer blocks (slow first window, faster after; worth it on GPUs)."""
+    attention: Literal["sdpa", "flash", "xfuser"] = "sdpa"
+    """Attention kernel: sdpa (torch chooses), flash (CUDA flash-attention only), xfuser (sequence-parallel groups)."""
+    offload: bool = False
+    """Move the text encoder and transformer to the CPU between stages (GPUs too small to hold every model)."""
 
     @field_validator("base_num_frames", "overlap_history")
     @classmethod
@@ -166,6 +182,11 @@ class Shot(_Model):
     causal_attention: bool | None = None
     negative_prompt: str | None = None
     enhance: bool | None = None
+    cfg_batch: bool | None = None
+    teacache: TeaCacheSettings | None = None
+    compile: bool | None = None
+    attention: Literal["sdpa", "flash", "xfuser"] | None = None
+    offload: bool | None = None
 
     _frames: int | None = PrivateAttr(None)
     _video_frames: int | None = PrivateAttr(None)

@@ -9,10 +9,17 @@ the loop over blocks, for three reasons the stock ``forward`` cannot serve:
   and unconditional passes can share one forward;
 - sequence parallelism and the block-causal mask hook in here: tokens are sharded within each frame, so every
   rank keeps whole frames' modulation and only self-attention communicates.
+
+What is the same for every forward of a window is computed once per window by whoever runs the window (the
+sampler): the rope angles and mask (:func:`window_geometry`), and the text side of every cross-attention
+(:func:`text_context`).  Called without them, ``df_forward`` computes both itself, with the same numbers.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -50,10 +57,77 @@ def causal_block_ids(prefix: int, new: int, suffix: int, causal_block_size: int)
     return ids
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class Geometry:
+    """What every forward over one window shape shares: this rank's rope angles and the attention mask."""
+
+    cos: torch.Tensor  # [1, n, 1, head_dim / 2]: cos of each interleaved pair's angle (the buffers' fp64)
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # [1, 1, N, N] bool over the attention order, or None (full attention)
+    tokens_per_frame: int  # this rank's tokens of each latent frame
+
+
+def window_geometry(
+    model, latents_shape: tuple[int, ...], device: torch.device, block_ids: list[int] | None = None,
+    shard: SequenceShard | None = None,
+) -> Geometry:
+    """Rope angles and block-causal mask for latents of ``latents_shape`` [B, C, F, H, W]; depends on nothing else."""
+    _, _, frames, height, width = latents_shape
+    _, p_h, p_w = model.config.patch_size
+    hw = (height // p_h) * (width // p_w)
+    cos, sin = model.rope(torch.empty((), device=device).expand(latents_shape))  # reads only the shape
+    order = torch.arange(frames * hw, device=device) // hw  # frame of each token, attention order
+    if shard is not None:
+        if hw % shard.world:
+            raise ValueError(
+                f"sequence parallel degree {shard.world} must divide the {hw} tokens of each latent frame "
+                f"({height * 8}x{width * 8} pixels); choose a degree dividing {hw}"
+            )
+        local = hw // shard.world
+        sl = slice(shard.rank * local, (shard.rank + 1) * local)
+        cos = cos.view(1, frames, hw, 1, -1)[:, :, sl].reshape(1, frames * local, 1, -1)
+        sin = sin.view(1, frames, hw, 1, -1)[:, :, sl].reshape(1, frames * local, 1, -1)
+        # After the all-to-all each rank sees the sequence rank-major: rank 0's tokens, then rank 1's, ...
+        order = (torch.arange(frames * local, device=device) // local).repeat(shard.world)
+        hw = local
+    mask = None
+    if block_ids is not None:
+        blocks = torch.tensor(block_ids, device=device)[order]
+        mask = (blocks.unsqueeze(1) >= blocks.unsqueeze(0))[None, None]
+    # The reference rotates with cos of the even and sin of the odd buffer entries; slice (and copy) them once.
+    return Geometry(cos[..., 0::2].contiguous(), sin[..., 1::2].contiguous(), mask, hw)
+
+
+@dataclass(frozen=True)
+class TextContext:
+    """The text side of every block's cross-attention for one batch of prompt embeddings."""
+
+    dtype: torch.dtype  # of the raw embeddings: the stock embedder casts the time embedding to it
+    tokens: torch.Tensor  # projected text [B, L, D]
+    kv: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]  # per block; None: the block's stock attn2 runs
+
+
+def text_context(model, text: torch.Tensor) -> TextContext:
+    """Project ``text`` [B, L, text_dim] once: the context and each block's cross-attention keys and values."""
+    ctx = model.condition_embedder.text_embedder(text)
+    kv = []
+    for blk in model.blocks:
+        attn = blk.attn2
+        if attn.add_k_proj is not None:  # image keys too (I2V checkpoints with CLIP): keep the stock processor
+            kv.append(None)
+            continue
+        if attn.fused_projections:
+            k, v = attn.to_kv(ctx).chunk(2, dim=-1)
+        else:
+            k, v = attn.to_k(ctx), attn.to_v(ctx)
+        k = attn.norm_k(k)
+        kv.append((k.unflatten(2, (attn.heads, -1)).transpose(1, 2), v.unflatten(2, (attn.heads, -1)).transpose(1, 2)))
+    return TextContext(text.dtype, ctx, tuple(kv))
+
+
+def _rope(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     # Interleaved-pair rotation, computed in the rope buffers' precision exactly as the reference processor does.
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[..., 0::2], sin[..., 1::2]
     out = torch.empty_like(x)
     out[..., 0::2] = x1 * c - x2 * s
     out[..., 1::2] = x1 * s + x2 * c
@@ -82,7 +156,16 @@ def _self_attention(attn, h, cos, sin, mask, shard: SequenceShard | None) -> tor
     return attn.to_out[1](attn.to_out[0](o))
 
 
-def _block(blk, x, ctx, mod, cos, sin, mask, frames: int, shard) -> torch.Tensor:
+def _cross_attention(attn, h, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    # The stock text-only processor with this window's keys and values: same ops, same numbers.
+    q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
+    k, v = kv
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v).transpose(1, 2)
+    o = o.flatten(2, 3).type_as(q)
+    return attn.to_out[1](attn.to_out[0](o))
+
+
+def _block(blk, x, ctx, kv, mod, cos, sin, mask, frames: int, shard) -> torch.Tensor:
     b, n, d = x.shape
     hw = n // frames
 
@@ -100,37 +183,59 @@ def _block(blk, x, ctx, mod, cos, sin, mask, frames: int, shard) -> torch.Tensor
     x = flat(per_frame(x.float()) + per_frame(a) * gate).type_as(x)
 
     h = blk.norm2(x.float()).type_as(x)
-    x = x + blk.attn2(h, ctx, None, None)
+    x = x + (blk.attn2(h, ctx, None, None) if kv is None else _cross_attention(blk.attn2, h, kv))
 
     h = flat(per_frame(blk.norm3(x.float())) * (1 + c_scale) + c_shift).type_as(x)
     f = blk.ffn(h)
     return flat(per_frame(x.float()) + per_frame(f.float()) * c_gate).type_as(x)
 
 
+def compiled_block(backend: str = "inductor") -> Callable[..., torch.Tensor]:
+    """The block function through ``torch.compile``: one graph for every block (modules are inlined, so their
+    weights are inputs, not constants), compiled on first use and recompiled only for a new window shape."""
+    return _compiled_block(backend)
+
+
+@functools.cache
+def _compiled_block(backend: str) -> Callable[..., torch.Tensor]:
+    return torch.compile(_block, backend=backend)
+
+
+BlockCache = Callable[[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+
+
 def df_forward(
     model,
     latents: torch.Tensor,
     timesteps: torch.Tensor,
-    text: torch.Tensor,
+    text: torch.Tensor | TextContext,
     fps: int,
     block_ids: list[int] | None = None,
     shard: SequenceShard | None = None,
+    geometry: Geometry | None = None,
+    block_cache: BlockCache | None = None,
+    block_fn: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Velocity prediction for ``latents`` [B, C, F, H, W] at per-frame ``timesteps`` [B, F].
 
     ``block_ids`` (one per latent frame) switches on the block-causal mask; ``shard`` runs this rank's slice of a
     sequence-parallel group (each frame's tokens split evenly over the ranks) and returns the full output.
+    ``geometry`` and a ``TextContext`` for ``text`` are what the window's earlier forwards already computed.
+    ``block_cache(x, temb, run_blocks)`` stands in for the block stack (TeaCache: it may return ``x`` plus a
+    cached residual instead of running them); ``block_fn`` replaces the per-block function (``compiled_block``).
     """
     bsz, _, frames, height, width = latents.shape
     p_t, p_h, p_w = model.config.patch_size
     if p_t != 1:
         raise ValueError("diffusion forcing needs a temporal patch size of 1 (one timestep per latent frame)")
     pph, ppw = height // p_h, width // p_w
-    hw = pph * ppw
 
-    cos, sin = model.rope(latents)  # [1, F*hw, 1, head_dim]
+    if geometry is None:
+        geometry = window_geometry(model, tuple(latents.shape), latents.device, block_ids, shard)
+    if not isinstance(text, TextContext):
+        text = text_context(model, text)
     x = model.patch_embedding(latents).flatten(2).transpose(1, 2)  # [B, F*hw, D]
-    temb, tproj, ctx, _ = model.condition_embedder(timesteps, text)  # [B, F, D], [B, F, 6D]
+    temb, tproj = _time_embedding(model.condition_embedder, timesteps, text.dtype)  # [B, F, D], [B, F, 6D]
     tproj = tproj.unflatten(-1, (6, -1))
     if model.config.inject_sample_info:
         # The checkpoints know two frame rates: 16 fps (flag 0) and everything else (flag 1).
@@ -139,29 +244,19 @@ def df_forward(
         tproj = tproj + fps_mod.unsqueeze(1)
     mod = tproj.transpose(1, 2)  # [B, 6, F, D]
 
-    order = torch.arange(frames * hw, device=latents.device) // hw  # frame of each token, attention order
     if shard is not None:
-        if hw % shard.world:
-            raise ValueError(
-                f"sequence parallel degree {shard.world} must divide the {hw} tokens of each latent frame "
-                f"({height * 8}x{width * 8} pixels); choose a degree dividing {hw}"
-            )
-        local = hw // shard.world
-        sl = slice(shard.rank * local, (shard.rank + 1) * local)
-        x = x.view(bsz, frames, hw, -1)[:, :, sl].reshape(bsz, frames * local, -1)
-        cos = cos.view(1, frames, hw, 1, -1)[:, :, sl].reshape(1, frames * local, 1, -1)
-        sin = sin.view(1, frames, hw, 1, -1)[:, :, sl].reshape(1, frames * local, 1, -1)
-        # After the all-to-all each rank sees the sequence rank-major: rank 0's tokens, then rank 1's, ...
-        order = (torch.arange(frames * local, device=latents.device) // local).repeat(shard.world)
-        hw = local
+        hw = pph * ppw
+        sl = slice(shard.rank * geometry.tokens_per_frame, (shard.rank + 1) * geometry.tokens_per_frame)
+        x = x.view(bsz, frames, hw, -1)[:, :, sl].reshape(bsz, frames * geometry.tokens_per_frame, -1)
+    hw = geometry.tokens_per_frame
+    block = block_fn or _block
 
-    mask = None
-    if block_ids is not None:
-        blocks = torch.tensor(block_ids, device=latents.device)[order]
-        mask = (blocks.unsqueeze(1) >= blocks.unsqueeze(0))[None, None]
+    def run_blocks(x: torch.Tensor) -> torch.Tensor:
+        for blk, kv in zip(model.blocks, text.kv):
+            x = block(blk, x, text.tokens, kv, mod, geometry.cos, geometry.sin, geometry.mask, frames, shard)
+        return x
 
-    for blk in model.blocks:
-        x = _block(blk, x, ctx, mod, cos, sin, mask, frames, shard)
+    x = run_blocks(x) if block_cache is None else block_cache(x, temb, run_blocks)
 
     shift, scale = (model.scale_shift_table.unsqueeze(2) + temb.unsqueeze(1)).chunk(2, dim=1)  # [B, 1, F, D]
     shift, scale = shift.squeeze(1).unsqueeze(2), scale.squeeze(1).unsqueeze(2)
@@ -172,3 +267,13 @@ def df_forward(
         x = shard.gather_tokens(x)
     x = x.reshape(bsz, frames, pph, ppw, p_t, p_h, p_w, -1)
     return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def _time_embedding(embedder, timesteps: torch.Tensor, text_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # The time half of the stock SkyReelsV2TimeTextImageEmbedding (its text half is in text_context), same ops.
+    t = embedder.timesteps_proj(timesteps)
+    dtype = next(embedder.time_embedder.parameters()).dtype
+    if t.dtype != dtype and dtype != torch.int8:
+        t = t.to(dtype)
+    temb = embedder.time_embedder(t).to(text_dtype)
+    return temb, embedder.time_proj(embedder.act_fn(temb))

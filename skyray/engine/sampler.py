@@ -11,15 +11,28 @@ every row.  Its state at a window boundary is all a resumed or handed-off window
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from skyray.engine.forward import causal_block_ids, df_forward
+from skyray.engine.forward import (
+    Geometry,
+    TextContext,
+    causal_block_ids,
+    compiled_block,
+    df_forward,
+    text_context,
+    window_geometry,
+)
 from skyray.engine.schedule import StepMatrix, WindowShape, step_matrix
+from skyray.engine.teacache import WindowTeaCache
 from skyray.engine.text import TextEmbeds
+
+AttentionKernel = Literal["sdpa", "flash", "xfuser"]
 
 LATENT_CHANNELS = 16
 
@@ -38,6 +51,16 @@ class SamplerConfig:
     causal_attention: bool = False
     # One forward of batch 2 for the CFG pair instead of two sequential forwards (equal within fp rounding).
     batched_cfg: bool = True
+    # TeaCache threshold (``engine.teacache``): skip the block stack while the rescaled change of the time
+    # embedding adds up to less than this; 0 is off.
+    teacache: float = 0.0
+    # torch.compile the transformer block function (``forward.compiled_block``).
+    compile: bool = False
+    # Attention kernel: "sdpa" (torch picks), "flash" (torch's flash kernel only; CUDA, bf16/fp16, no mask) or
+    # "xfuser" (yunchang/xfuser long-context attention of a sequence-parallel group).
+    attention: AttentionKernel = "sdpa"
+    # Move the text encoder to the CPU after encoding and the transformer before decoding (read by the worker).
+    offload: bool = False
 
     @property
     def guidance(self) -> bool:
@@ -48,33 +71,109 @@ class NoisePredictor:
     """Guided velocity prediction: ``uncond + scale * (cond - uncond)``.
 
     ``parallel`` (an ``engine.parallel.GroupParallel``) splits the CFG pair and/or each forward's tokens over the
-    ranks of a GPU group; without it the whole prediction runs here.
+    ranks of a GPU group; without it the whole prediction runs here.  ``family`` (``ModelFamily.name``) picks the
+    TeaCache coefficients.  ``start_window`` forgets what the forwards of one window share (rope angles, mask,
+    text keys and values, TeaCache state); ``denoise_window`` calls it.  ``forwards`` counts transformer
+    forwards (batch items), ``skipped`` those of them whose block stack TeaCache replaced by its cached residual.
     """
 
-    def __init__(self, transformer, config: SamplerConfig, parallel=None) -> None:
+    def __init__(self, transformer, config: SamplerConfig, parallel=None, family: str = "custom") -> None:
         self.transformer = transformer
         self.config = config
         self.parallel = parallel
+        self.family = family
         self.forwards = 0
+        self.skipped = 0
+        self._check_attention()
+        self._block_fn = compiled_block() if config.compile else None
+        self.start_window(0)
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, block_ids) -> torch.Tensor:
+    def _check_attention(self) -> None:
+        cfg = self.config
+        if cfg.attention == "sdpa":
+            return
+        param = next(self.transformer.parameters())
+        if cfg.attention == "flash":
+            if param.device.type != "cuda":
+                raise ValueError(
+                    f"attention 'flash' needs a CUDA GPU (torch's flash-attention kernel); the transformer is on "
+                    f"{param.device.type}: use attention 'sdpa'"
+                )
+            if param.dtype not in (torch.float16, torch.bfloat16):
+                raise ValueError(f"attention 'flash' needs a bf16 or fp16 transformer, this one is {param.dtype}")
+            if cfg.causal_attention:
+                raise ValueError("attention 'flash' takes no mask: causal_attention needs attention 'sdpa'")
+        elif cfg.attention == "xfuser":
+            from skyray.engine.parallel import xfuser_status
+
+            ok, why = xfuser_status()
+            if not ok:
+                raise ValueError(f"attention 'xfuser' is unavailable here: {why}")
+            if getattr(getattr(self.parallel, "sequence", None), "attention", None) is None:
+                raise ValueError(
+                    "attention 'xfuser' is yunchang/xfuser's sequence-parallel attention: it needs a group with "
+                    "sequence parallelism built with attention='xfuser' (gpus_per_group > 1); use 'sdpa' or "
+                    "'flash' on one GPU"
+                )
+        else:
+            raise ValueError(f"attention must be 'sdpa', 'flash' or 'xfuser', got {cfg.attention!r}")
+
+    def start_window(self, rows: int) -> None:
+        """A new window of ``rows`` rows starts: drop the previous window's shared state."""
+        self._geometry: dict[tuple, Geometry] = {}
+        self._text: dict[str, tuple[tuple[torch.Tensor, ...], TextContext]] = {}
+        self._teacache = WindowTeaCache(self.config.teacache, self.family, rows) if self.config.teacache > 0 else None
+
+    def _context(self, key: str, *parts: torch.Tensor) -> TextContext:
+        held = self._text.get(key)
+        if held is None or len(held[0]) != len(parts) or any(a is not b for a, b in zip(held[0], parts)):
+            text = parts[0] if len(parts) == 1 else torch.cat(parts)
+            held = self._text[key] = (parts, text_context(self.transformer, text))
+        return held[1]
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, key: str, text: TextContext, block_ids) -> torch.Tensor:
         shard = self.parallel.sequence if self.parallel is not None else None
         self.forwards += x.shape[0]
-        return df_forward(self.transformer, x, t, text, self.config.fps, block_ids, shard)
+        gkey = (tuple(x.shape), None if block_ids is None else tuple(block_ids), id(shard))
+        if gkey not in self._geometry:
+            self._geometry[gkey] = window_geometry(self.transformer, tuple(x.shape), x.device, block_ids, shard)
+        cache = self._teacache.branch(key) if self._teacache is not None else None
+        skipped = cache.skipped if cache is not None else 0
+        with self._attention_kernel():
+            out = df_forward(
+                self.transformer, x, t, text, self.config.fps, block_ids, shard,
+                geometry=self._geometry[gkey], block_cache=cache, block_fn=self._block_fn,
+            )
+        if cache is not None and cache.skipped > skipped:
+            self.skipped += x.shape[0]
+        return out
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbeds, block_ids=None) -> torch.Tensor:
+    def _attention_kernel(self):
+        if self.config.attention == "flash":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+        return contextlib.nullcontext()
+
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, text: TextEmbeds, block_ids=None, row: int | None = None
+    ) -> torch.Tensor:
+        """Guided velocity at ``row`` of the current window (``None``: outside a window; TeaCache computes)."""
         cfg = self.config
+        if self._teacache is not None:
+            self._teacache.at_row(0 if row is None else row)
         if text.uncond is None:
-            return self._forward(x, t, text.cond, block_ids)
+            return self._forward(x, t, "cond", self._context("cond", text.cond), block_ids)
         if self.parallel is not None and self.parallel.cfg_split:
             mine = text.cond if self.parallel.cfg_rank == 0 else text.uncond
-            cond, uncond = self.parallel.exchange_cfg(self._forward(x, t, mine, block_ids))
+            key = "cond" if self.parallel.cfg_rank == 0 else "uncond"
+            cond, uncond = self.parallel.exchange_cfg(self._forward(x, t, key, self._context(key, mine), block_ids))
         elif cfg.batched_cfg:
-            both = self._forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text.cond, text.uncond]), block_ids)
-            cond, uncond = both.chunk(2)
+            both = self._context("both", text.cond, text.uncond)
+            cond, uncond = self._forward(torch.cat([x, x]), torch.cat([t, t]), "both", both, block_ids).chunk(2)
         else:
-            cond = self._forward(x, t, text.cond, block_ids)
-            uncond = self._forward(x, t, text.uncond, block_ids)
+            cond = self._forward(x, t, "cond", self._context("cond", text.cond), block_ids)
+            uncond = self._forward(x, t, "uncond", self._context("uncond", text.uncond), block_ids)
         return uncond + cfg.guidance_scale * (cond - uncond)
 
 
@@ -134,19 +233,22 @@ def denoise_window(
     schedulers = _group_schedulers(scheduler, matrix, cfg.steps)
     text = text.to(device, dtype)
     noise_factor = cfg.addnoise_condition / 1000.0
+    predict.start_window(matrix.rows)
 
     for r in range(matrix.rows):
         t = torch.tensor(matrix.timesteps[r], dtype=torch.long, device=device)
-        x = latents.to(dtype).clone()
-        t_in = t.unsqueeze(0).clone()
+        # The model only reads x and t_in; they are copied only where the prefix is re-noised below.
+        x = latents.to(dtype)
+        t_in = t.unsqueeze(0)
         if cfg.addnoise_condition > 0 and window.prefix > 0:
             # The model sees a lightly re-noised copy of the prefix (robust to error build-up across windows);
             # the stored prefix stays clean.
             p = window.prefix
+            x, t_in = x.clone(), t_in.clone()
             eps = draw_noise(generator, (1, LATENT_CHANNELS, p, h, w)).to(device, dtype)
             x[:, :, :p] = x[:, :, :p] * (1.0 - noise_factor) + eps * noise_factor
             t_in[:, :p] = cfg.addnoise_condition
-        velocity = predict(x, t_in, text, blocks)
+        velocity = predict(x, t_in, text, blocks, row=r)
         for (s, e), sched in zip(matrix.groups, schedulers):
             if matrix.update[r][s]:
                 latents[:, :, s:e] = sched.step(velocity[:, :, s:e], t[s], latents[:, :, s:e], return_dict=False)[0]

@@ -165,10 +165,10 @@ class RayExecutor(Executor):
             raise ValueError("a group of several GPUs needs a parallel layout (engine.parallel.ParallelConfig)")
         self.use_gpu = bool(ray.cluster_resources().get("GPU", 0)) if use_gpu is None else use_gpu
         self.start_timeout_s = start_timeout_s
-        self._groups = [self._start_group(g) for g in range(groups)]
         self.max_writers = max(1, max_writers)
         self.decode_gpu = decode_gpu
         self.progress = progress
+        self._groups = [self._start_group(g) for g in range(groups)]
         self._writers: dict[int, Any] = {}
         self._chain_writer: dict[int, int] = {}
         self._pending_adds: dict[int, list[Any]] = {}

@@ -92,11 +92,31 @@ class Worker:
         self.name = name
         self.on_row = None  # optional callback(shot_id, window, row, rows) for in-process progress bars
         self._schedulers: dict[float, object] = {}
+        self._encoded: set[str] = set()  # prompts the PromptCache holds (offload skips the encoder for them)
+        self._offloaded = False  # an offloading job ran: modules may sit on the CPU
 
     def _scheduler(self, shift: float):
         if shift not in self._schedulers:
             self._schedulers[shift] = self.components.scheduler_for(shift)
         return self._schedulers[shift]
+
+    def _encode_prompts(self, prompt: str, negative_prompt: str, cfg: SamplerConfig):
+        """The window's text embeddings; with ``offload`` the text encoder visits the GPU only to encode."""
+        wanted = [prompt, negative_prompt] if cfg.guidance else [prompt]
+        if all(p in self._encoded for p in wanted):
+            text = self.prompts.embeds(prompt, negative_prompt, cfg.guidance)
+        elif not cfg.offload:
+            if self._offloaded:
+                self.components.text_encoder.to(self.components.device)
+            text = self.prompts.embeds(prompt, negative_prompt, cfg.guidance)
+        else:
+            self.components.text_encoder.to(self.components.device)
+            try:
+                text = self.prompts.embeds(prompt, negative_prompt, cfg.guidance)
+            finally:
+                self.components.text_encoder.to("cpu")
+        self._encoded.update(wanted)
+        return text
 
     @torch.no_grad()
     def render_window(self, job: WindowJob, handoff: Handoff | None) -> WindowOutput:
@@ -125,8 +145,11 @@ class Worker:
                 prefix = handoff.tail[:, :, -w.prefix :]
         suffix = encode_image(c.vae, job.end_image, job.height, job.width) if w.suffix else None
 
-        text = self.prompts.embeds(job.prompt, job.negative_prompt, cfg.guidance)
-        predict = NoisePredictor(c.transformer, cfg, self.parallel)
+        text = self._encode_prompts(job.prompt, job.negative_prompt, cfg)
+        self._offloaded |= cfg.offload
+        if self._offloaded:
+            c.transformer.to(c.device)
+        predict = NoisePredictor(c.transformer, cfg, self.parallel, family=c.family.name)
         on_row = None
         if self.on_row is not None:
             on_row = lambda r, n: self.on_row(job.shot_id, w.index, r, n)  # noqa: E731
@@ -138,6 +161,8 @@ class Worker:
         if lead is not None:
             new = torch.cat([lead.float().cpu(), new], dim=2)
         tail = body[:, :, -job.handoff_latents :].clone() if job.handoff_latents else None
+        if cfg.offload:  # the chain writer decodes next: leave it the GPU
+            c.transformer.to("cpu")
         return WindowOutput(
             job.shot_id,
             w.index,
