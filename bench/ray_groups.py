@@ -16,8 +16,8 @@ os.environ.setdefault("SKYRAY_CPU_THREADS", "1")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from skyray.engine.handoff import Handoff  # noqa: E402
 from skyray.executors.ray import EMULATED_SLOT, RayExecutor  # noqa: E402
-from skyray.executors.worker import Handoff  # noqa: E402
 from skyray.plan import compile_plan  # noqa: E402
 from skyray.render import render_film  # noqa: E402
 from skyray.storyboard import parse_storyboard  # noqa: E402

@@ -64,7 +64,11 @@ class BatchRenderer:
             t0 = time.perf_counter()
             status, output, error = "done", None, None
             try:
-                plan = compile_plan(storyboard_from_data(json.loads(sb), self.base, f"request {rid}"))
+                from skyray.enhance import enhance_before_render
+
+                board = storyboard_from_data(json.loads(sb), self.base, f"request {rid}")
+                # Requests with "enhance": true get their prompt rewritten first (cached, its own actor).
+                _, plan = enhance_before_render(board, compile_plan(board), use_ray=True, quiet=True)
                 work = self.out / "work" / rid
                 render_film(plan, work, self.executor)
                 output = str(self.out / f"{rid}.mp4")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from skyray.engine.sampler import SamplerConfig
-from skyray.executors.base import Executor
+from skyray.executors.base import Executor, WindowError
 from skyray.executors.worker import WindowJob
 from skyray.output.chain_writer import checkpoint_meta, checkpoint_path
 from skyray.plan import FilmPlan, ShotPlan
@@ -283,7 +283,7 @@ def render_film(
             handles = [v[0] for v in in_flight.values()]
             try:
                 h = executor.wait_any(handles)
-            except _WindowError as err:
+            except WindowError as err:
                 h = err.handle
                 _, sid, group = in_flight.pop(id(h))
                 st = state[sid]
@@ -334,16 +334,6 @@ def render_film(
     return manifest
 
 
-class _WindowError(RuntimeError):
-    """Raised by an executor's ``wait_any`` when a window failed: which handle, and why."""
-
-    def __init__(self, handle: Any, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.handle = handle
-        self.cause = cause
-
-
-WindowError = _WindowError
 
 
 def _assemble(plan: FilmPlan, out: Path, state: dict[str, _Shot]) -> Path:

@@ -216,7 +216,8 @@ def test_output_to_a_pyarrow_uri(executor, tmp_path):
 
 
 def test_repeated_failure_stops_with_a_clear_error_and_keeps_finished_shots(executor, tmp_path):
-    from skyray.render import RenderFailed, WindowError
+    from skyray.executors.base import WindowError
+    from skyray.render import RenderFailed
 
     class Flaky:
         """The module's executor, but every window of shot 'c' fails (as a dying group would)."""

@@ -23,6 +23,15 @@ class WindowMeta:
     worker: str
 
 
+class WindowError(RuntimeError):
+    """Raised by ``Executor.wait_any`` when a window failed: which handle, and why (the driver may retry it)."""
+
+    def __init__(self, handle: Any, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.handle = handle
+        self.cause = cause
+
+
 class Executor(ABC):
     """Runs windows on ``groups`` model replicas and streams finished windows to per-chain writers."""
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from skyray.engine.handoff import Handoff, WindowOutput
 from skyray.executors.base import Executor, WindowMeta
-from skyray.executors.worker import Handoff, WindowJob, WindowOutput, Worker
+from skyray.executors.worker import WindowJob, Worker
 from skyray.output.chain_writer import ChainWriter, load_handoff
 
 

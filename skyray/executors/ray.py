@@ -19,7 +19,7 @@ from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from skyray.executors.base import Executor, WindowMeta
+from skyray.executors.base import Executor, WindowError, WindowMeta
 from skyray.executors.worker import WindowJob
 
 log = logging.getLogger("skyray.ray")
@@ -252,8 +252,6 @@ class RayExecutor(Executor):
         return RayHandle(group, out, hand, meta, tuple(r[2] for r in refs[1:]))
 
     def wait_any(self, handles: list[RayHandle]) -> RayHandle:
-        from skyray.render import WindowError
-
         by_ref = {}
         for h in handles:
             for ref in (h.meta, *h.others):

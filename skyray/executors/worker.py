@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from skyray.engine.conditioning import encode_image, encode_video_tail
+from skyray.engine.handoff import Handoff, WindowOutput
 from skyray.engine.sampler import NoisePredictor, SamplerConfig, denoise_window
 from skyray.engine.schedule import WindowShape
 from skyray.engine.text import PromptCache
@@ -40,27 +41,6 @@ class WindowJob:
     end_image: str | None = None  # last window of a shot with end-frame control
     video: str | None = None  # first window of a video extension
     overlap_history: int = 17
-
-
-@dataclass
-class Handoff:
-    """What one window passes to the next: its tail latents and the shot's RNG state after it."""
-
-    tail: torch.Tensor | None
-    rng_state: torch.Tensor | None
-
-
-@dataclass
-class WindowOutput:
-    shot_id: str
-    index: int
-    latents: torch.Tensor  # [1, 16, n, h, w] fp32 CPU: latents this window adds to the shot (I2V: image first)
-    handoff: Handoff
-    warm: torch.Tensor | None = None  # clean latents to prime the decoder with (video extension)
-    seconds: float = 0.0
-    forwards: int = 0
-    worker: str = ""
-    meta: dict = field(default_factory=dict)
 
 
 class Worker:

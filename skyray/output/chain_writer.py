@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from skyray.engine.decode import StreamingDecoder
-from skyray.executors.worker import Handoff, WindowOutput
+from skyray.engine.handoff import Handoff, WindowOutput
 from skyray.output.encode import ShotEncoder
 
 

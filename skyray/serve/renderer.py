@@ -137,9 +137,18 @@ def run_job(store: JobStore, job_id: str, attempt: int, executor: ReplicaExecuto
         return started
     out = jobs_dir / job_id
     try:
-        plan = compile_plan(storyboard_from_data(job.storyboard, out / "inputs", f"job {job_id}"))
+        sb = storyboard_from_data(job.storyboard, out / "inputs", f"job {job_id}")
+        plan = compile_plan(sb)
     except Exception as exc:  # the store outlived the inputs, or a new version validates differently
         store.finish(job_id, attempt, FAILED, f"cannot plan the job: {exc}")
+        return FAILED
+    try:
+        from skyray.enhance import enhance_before_render
+
+        # Shots asking for it get their prompts rewritten first, by an enhancer actor of its own (cached).
+        sb, plan = enhance_before_render(sb, plan, use_ray=True, quiet=True)
+    except Exception as exc:
+        store.finish(job_id, attempt, FAILED, f"prompt enhancer: {exc}")
         return FAILED
     progress = JobProgress(plan)
     store.progress(job_id, attempt, 0, progress.total, None, None)

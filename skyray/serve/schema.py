@@ -34,6 +34,11 @@ class ShotRequest(BaseModel):
     ar_step: int | None = Field(None, ge=0, le=1000)
     causal_block_size: int | None = Field(None, ge=1, le=1000)
     negative_prompt: str | None = Field(None, max_length=10_000)
+    causal_attention: bool | None = Field(None, description="Block-causal attention (the released weights lack it).")
+    cfg_batch: bool | None = Field(None, description="Conditional and unconditional passes in one batch-2 forward.")
+    teacache: dict[str, float] | None = Field(None, description="{'threshold': t}: skip forwards whose input "
+                                              "changed little (0: off).")
+    enhance: bool | None = Field(None, description="Rewrite the prompt with the server's prompt enhancer first.")
 
     image: str | None = Field(None, description="First frame: base64 (or a data: URI) of a PNG, JPEG or WebP.")
     end_image: str | None = Field(None, description="Last frame to arrive at: base64 PNG, JPEG or WebP.")
@@ -42,7 +47,7 @@ class ShotRequest(BaseModel):
 
 
 SAMPLING_FIELDS = ("steps", "guidance_scale", "shift", "base_num_frames", "overlap_history", "addnoise_condition",
-                   "ar_step", "causal_block_size", "negative_prompt")
+                   "ar_step", "causal_block_size", "negative_prompt", "causal_attention", "cfg_batch", "teacache", "enhance")
 
 
 class JobAccepted(BaseModel):

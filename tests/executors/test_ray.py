@@ -60,6 +60,23 @@ def assert_same_film(plan, a: Path, b: Path, tol: float = 1e-6):
         assert (la - lb).abs().max().item() <= tol, s.id
 
 
+def render_killing(plan, out: Path, ex, rank: int | None) -> dict:
+    """Render with ``ex``; if ``rank`` is given, kill that rank of group 0 after shot a's first window."""
+    import ray
+
+    killed = {"done": rank is None}
+
+    def on_event(e):
+        if e["type"] == "window" and e["shot"] == "a" and not killed["done"]:
+            ray.kill(ex.actors(0)[rank])
+            killed["done"] = True
+
+    try:
+        return render_film(plan, out, ex, save_latents=True, on_event=on_event)
+    finally:
+        ex.shutdown()
+
+
 def test_one_group_equals_local(plan, reference, ray_session, tmp_path):
     from skyray.executors.ray import RayExecutor
 
@@ -74,7 +91,7 @@ def test_one_group_equals_local(plan, reference, ray_session, tmp_path):
 
 def test_two_groups_equal_local_and_hand_off_by_reference(plan, reference, two_groups, tmp_path, monkeypatch):
     import skyray.executors.ray as ray_exec
-    from skyray.executors.worker import Handoff, WindowOutput
+    from skyray.engine.handoff import Handoff, WindowOutput
 
     fetched = []
     real_get = ray_exec.ray.get
@@ -96,23 +113,12 @@ def test_two_groups_equal_local_and_hand_off_by_reference(plan, reference, two_g
 
 
 def test_killed_actor_mid_shot_render_completes_identically(plan, reference, ray_session, tmp_path):
-    import ray
 
     from skyray.executors.ray import RayExecutor
 
     ex = RayExecutor("tiny", groups=1)
-    killed = {"done": False}
-
-    def on_event(e):
-        if e["type"] == "window" and e["shot"] == "a" and e["window"] == 0 and not killed["done"]:
-            ray.kill(ex.actors(0)[0])
-            killed["done"] = True
-
-    try:
-        manifest = render_film(plan, tmp_path, ex, save_latents=True, on_event=on_event)
-    finally:
-        ex.shutdown()
-    assert killed["done"] and ex.recoveries == 1
+    manifest = render_killing(plan, tmp_path, ex, rank=0)
+    assert ex.recoveries == 1
     assert_same_film(plan, reference, tmp_path)
     retried = [w for s in manifest["shots"] for w in s["windows"] if w.get("retries")]
     assert retried and retried[0]["index"] == 1
@@ -123,24 +129,14 @@ def test_group_of_two_ranks_equals_local_and_survives_a_dead_rank(plan, referenc
     """Two emulated GPUs per group: CFG-parallel or Ulysses-2; weights read by rank 0 and broadcast. Killing
     rank 1 mid-shot recreates the whole group (a process group does not survive a member) and the film is the
     same."""
-    import ray
 
     from skyray.engine.parallel import ParallelConfig
     from skyray.executors.ray import RayExecutor
 
     ex = RayExecutor("tiny", groups=1, gpus_per_group=2, parallel=ParallelConfig(ulysses=ulysses, cfg=cfg),
                      collective_timeout_s=30)
-    killed = {"done": not cfg}  # kill only in one of the two layouts, to keep the test short
-
-    def on_event(e):
-        if e["type"] == "window" and e["shot"] == "a" and not killed["done"]:
-            ray.kill(ex.actors(0)[1])
-            killed["done"] = True
-
-    try:
-        manifest = render_film(plan, tmp_path, ex, save_latents=True, on_event=on_event)
-    finally:
-        ex.shutdown()
+    # Kill rank 1 in only one of the two layouts, to keep the test short.
+    manifest = render_killing(plan, tmp_path, ex, rank=1 if cfg else None)
     # Splitting forwards over ranks changes the summation order: equal within 1e-5, not bit for bit.
     assert_same_film(plan, reference, tmp_path, tol=1e-5)
     assert manifest["film"]["frames"] == plan.frames
