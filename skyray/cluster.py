@@ -353,8 +353,10 @@ def serve_config(s: ClusterSettings) -> dict:
                         },
                         # Scaling down waits for a replica's film to finish instead of cutting it off.
                         "graceful_shutdown_timeout_s": s.film_deadline_seconds,
-                        # Serve gives a replica a GPU only through num_gpus (these options replace the app's own).
-                        "ray_actor_options": {"num_cpus": RENDERER_ACTOR_CPUS, "num_gpus": 1},
+                        # These options replace the app's own. A one-GPU replica renders itself (num_gpus 1); a
+                        # K-GPU replica only drives its K rank actors, one per bundle, which hold the GPUs.
+                        "ray_actor_options": {"num_cpus": RENDERER_ACTOR_CPUS,
+                                              "num_gpus": 1 if s.gpus_per_group == 1 else 0},
                         "placement_group_bundles": bundles,
                         "placement_group_strategy": "STRICT_PACK",
                     },

@@ -153,6 +153,7 @@ class RayExecutor(Executor):
         max_writers: int = 2,
         decode_gpu: float = 0.0,
         progress: bool = True,
+        placement_group=None,
     ) -> None:
         ensure_ray(address)
         self.model = model
@@ -168,6 +169,11 @@ class RayExecutor(Executor):
         self.max_writers = max(1, max_writers)
         self.decode_gpu = decode_gpu
         self.progress = progress
+        # A placement group reserved by someone else (a Serve replica's own bundles): rank actors go into it and
+        # it is never removed here.
+        if placement_group is not None and groups != 1:
+            raise ValueError("an existing placement group holds exactly one group")
+        self._external_pg = placement_group
         self._groups = [self._start_group(g) for g in range(groups)]
         self._writers: dict[int, Any] = {}
         self._chain_writer: dict[int, int] = {}
@@ -182,11 +188,11 @@ class RayExecutor(Executor):
         from skyray.executors.distributed import assign_ranks, collective_env, node_ip
 
         k = self.gpus_per_group
-        pg = placement_group([self._bundle() for _ in range(k)], strategy="STRICT_PACK")
+        pg = self._external_pg or placement_group([self._bundle() for _ in range(k)], strategy="STRICT_PACK")
         try:
             ray.get(pg.ready(), timeout=self.start_timeout_s)
         except ray.exceptions.GetTimeoutError as err:
-            remove_placement_group(pg)
+            self._release(pg)
             raise RuntimeError(
                 f"could not reserve group {index} ({k} x {self._bundle()}) within "
                 f"{self.start_timeout_s:.0f} s; cluster has {ray.cluster_resources()}"
@@ -223,16 +229,20 @@ class RayExecutor(Executor):
         except Exception:
             for a in actors:
                 ray.kill(a, no_restart=True)
-            remove_placement_group(pg)
+            self._release(pg)
             raise
         return _Group(index, pg, actors, generation)
+
+    def _release(self, pg) -> None:
+        if pg is not self._external_pg:
+            remove_placement_group(pg)
 
     def recover(self, group: int, error: BaseException) -> bool:
         old = self._groups[group]
         log.warning("group %d failed (%s); recreating it", group, error)
         for a in old.actors:
             ray.kill(a, no_restart=True)
-        remove_placement_group(old.pg)
+        self._release(old.pg)
         try:
             self._groups[group] = self._start_group(group, old.generation + 1)
         except Exception as err:  # no resources left for a replacement: the render stops with this error
@@ -323,5 +333,5 @@ class RayExecutor(Executor):
         for g in self._groups:
             for a in g.actors:
                 ray.kill(a)
-            remove_placement_group(g.pg)
+            self._release(g.pg)
         self._groups.clear()

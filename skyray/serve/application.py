@@ -16,13 +16,21 @@ from skyray.serve.renderer import Renderer
 
 def renderer_options(options: ServeOptions, index: int) -> dict:
     """Deployment options of the renderer of ``options.models[index]``."""
-    gpus = options.gpus_per_replica
-    if gpus:
-        bundles = [{"CPU": options.cpus_per_replica, "GPU": 1} for _ in range(gpus)]
-        actor = {"num_cpus": options.cpus_per_replica, "num_gpus": 1}
+    from skyray.executors.ray import EMULATED_SLOT
+
+    gpus, ranks = options.gpus_per_replica, options.ranks_per_replica
+    cpus = options.cpus_per_replica
+    if ranks > 1:
+        # A group: the replica drives (CPU only) from bundle 0; one rank actor per bundle holds a GPU (or a slot).
+        unit = {"GPU": 1} if gpus else {EMULATED_SLOT: 1}
+        bundles = [{"CPU": cpus, **unit}] + [{"CPU": cpus, **unit} if gpus else dict(unit) for _ in range(ranks - 1)]
+        actor = {"num_cpus": cpus, "num_gpus": 0}
+    elif gpus:
+        bundles = [{"CPU": cpus, "GPU": 1}]
+        actor = {"num_cpus": cpus, "num_gpus": 1}
     else:
-        bundles = [{"CPU": options.cpus_per_replica}]
-        actor = {"num_cpus": options.cpus_per_replica}
+        bundles = [{"CPU": cpus}]
+        actor = {"num_cpus": cpus}
     return {
         "name": "Renderer" if index == 0 else f"Renderer-{index}",
         "ray_actor_options": actor,

@@ -64,6 +64,8 @@ class ServeOptions:
     """GPUs in one renderer's placement group (STRICT_PACK on one node); 0 reserves CPU bundles only."""
     cpus_per_replica: float = 1.0
     """CPUs in each bundle of a renderer's placement group."""
+    emulated_ranks: int = 0
+    """With ``gpus_per_replica`` 0: CPU-emulated ranks per renderer (>= 2 runs the group path on CPUs, for tests)."""
     graceful_shutdown_s: float = 60.0
     """How long a renderer being stopped may finish its job before it is killed (the job resumes either way)."""
     preview_size: int = 256
@@ -79,8 +81,15 @@ class ServeOptions:
                 raise OptionsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.min_replicas <= self.max_replicas:
             raise OptionsError(f"need 0 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
+        if self.emulated_ranks and self.gpus_per_replica:
+            raise OptionsError("emulated_ranks is for CPU-only renderers (gpus_per_replica 0)")
         if self.gpus_per_replica < 0 or self.cpus_per_replica <= 0 or self.preview_size < 0 or self.max_restarts < 0:
             raise OptionsError("gpus_per_replica, max_restarts and preview_size must be >= 0, cpus_per_replica > 0")
+
+    @property
+    def ranks_per_replica(self) -> int:
+        """Ranks of one renderer's group: its GPUs, or its emulated CPU ranks; 1 means the replica renders itself."""
+        return self.gpus_per_replica or self.emulated_ranks or 1
 
     @property
     def default_model(self) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 from ray import serve
 
 from skyray.executors.local import LocalExecutor
+from skyray.executors.ray import RayExecutor
 from skyray.serve.options import ServeOptions
 from skyray.serve.store import CANCELLED, DONE, FAILED, INTERRUPTED, RUNNING, STALE, JobStore
 
@@ -70,16 +71,66 @@ class ReplicaExecutor(LocalExecutor):
         """The last window's last latent as a base64 JPEG at most ``size`` pixels a side."""
         if self.last_latent is None or size <= 0:
             return None
-        from PIL import Image
+        return preview_jpeg(self.worker.components.vae, self.last_latent, size)
 
-        from skyray.engine.decode import StreamingDecoder
 
-        frame = StreamingDecoder(self.worker.components.vae).push(self.last_latent)[-1]
-        im = Image.fromarray(frame)
-        im.thumbnail((size, size))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=80)
-        return base64.b64encode(buf.getvalue()).decode()
+def preview_jpeg(vae, latent, size: int) -> str:
+    """One latent decoded on its own (no causal context) as a base64 JPEG at most ``size`` pixels a side."""
+    from PIL import Image
+
+    from skyray.engine.decode import StreamingDecoder
+
+    frame = StreamingDecoder(vae).push(latent)[-1]
+    im = Image.fromarray(frame)
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=80)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class GroupReplicaExecutor(RayExecutor):
+    """A replica whose group has several ranks: rank actors in the replica's own placement group (one per
+    bundle) split every forward (CFG and/or Ulysses); the replica drives them and keeps a VAE for previews."""
+
+    def __init__(self, model: str, ranks: int, use_gpu: bool) -> None:
+        from ray.util import get_current_placement_group
+
+        from skyray.engine.parallel import ParallelConfig
+        from skyray.models import family_of
+
+        layout = ParallelConfig.auto(ranks, family_of(model).heads, guidance=True)
+        super().__init__(model, groups=1, gpus_per_group=ranks, parallel=layout, use_gpu=use_gpu, max_writers=1,
+                         progress=False, placement_group=get_current_placement_group())
+        self._last_out = None
+        self._vae = None
+
+    def add_window(self, chain, shot_id, handle, checkpoint, meta) -> None:
+        super().add_window(chain, shot_id, handle, checkpoint, meta)
+        if not isinstance(handle, str):
+            self._last_out = handle.out
+
+    def reset(self) -> None:
+        """Forget the last film: its writers (and their decoder state) go; the group stays warm."""
+        import ray
+
+        self.abort_open()
+        for w in self._writers.values():
+            ray.kill(w)
+        self._writers.clear()
+        self._chain_writer.clear()
+        self._pending_adds.clear()
+        self._last_out = None
+
+    def preview(self, size: int) -> str | None:
+        if self._last_out is None or size <= 0:
+            return None
+        import ray
+
+        from skyray import models
+
+        if self._vae is None:
+            self._vae = models.load_vae(self.model, "cpu")
+        return preview_jpeg(self._vae, ray.get(self._last_out).latents[:, :, -1:], size)
 
 
 class JobProgress:
@@ -220,7 +271,7 @@ class Renderer:
         from ray.util import metrics
 
         self.options = options
-        if options.gpus_per_replica and options.device is None:
+        if options.ranks_per_replica == 1 and options.gpus_per_replica and options.device is None:
             import torch
 
             if not torch.cuda.is_available():
@@ -229,10 +280,14 @@ class Renderer:
                 raise RuntimeError(
                     "this Renderer replica sees no GPU although gpus_per_replica="
                     f"{options.gpus_per_replica}: give the deployment ray_actor_options num_gpus: 1 "
-                    "(the replica uses its group's first GPU), or set SKYRAY_GPUS_PER_REPLICA=0 to render on CPU")
+                    "(a one-GPU replica renders on its own GPU), or set SKYRAY_GPUS_PER_REPLICA=0 to render on CPU")
         self.store = JobStore(options.db_path)
         self._stopping = threading.Event()
-        self.executor = ReplicaExecutor(model, options.device)  # loaded once, reused by every job
+        # Loaded once, reused by every job.
+        if options.ranks_per_replica > 1:
+            self.executor = GroupReplicaExecutor(model, options.ranks_per_replica, use_gpu=options.gpus_per_replica > 0)
+        else:
+            self.executor = ReplicaExecutor(model, options.device)
         tags = {"model": model}
         self.metrics = {
             "window_seconds": metrics.Histogram(

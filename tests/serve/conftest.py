@@ -59,8 +59,10 @@ def serve_env(tmp_path_factory) -> Iterator[ServeEnv]:
     if started_ray:
         metrics_port = free_port()
         os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics visible within a second
+        from skyray.executors.ray import EMULATED_SLOT
+
         ray.init(address="local", num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,
-                 log_to_driver=os.environ.get("SKYRAY_TEST_RAY_LOGS") == "1")
+                 resources={EMULATED_SLOT: 64}, log_to_driver=os.environ.get("SKYRAY_TEST_RAY_LOGS") == "1")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     data = tmp_path_factory.mktemp("serve-data")

@@ -80,7 +80,13 @@ def test_renderer_is_one_strict_pack_group_taking_one_job():
     assert gpu["name"] == "Renderer"
     assert gpu["placement_group_bundles"] == [{"CPU": 8, "GPU": 1}] * 4
     assert gpu["placement_group_strategy"] == "STRICT_PACK"
-    assert gpu["ray_actor_options"] == {"num_cpus": 8, "num_gpus": 1}  # the replica sits in bundle 0
+    # The replica sits in bundle 0 and only drives; its four rank actors hold the four GPUs.
+    assert gpu["ray_actor_options"] == {"num_cpus": 8, "num_gpus": 0}
+    one = renderer_options(ServeOptions(gpus_per_replica=1, cpus_per_replica=8), 0)
+    assert one["placement_group_bundles"] == [{"CPU": 8, "GPU": 1}]
+    assert one["ray_actor_options"] == {"num_cpus": 8, "num_gpus": 1}  # a one-GPU replica renders itself
+    emulated = renderer_options(ServeOptions(gpus_per_replica=0, emulated_ranks=2, cpus_per_replica=0.5), 0)
+    assert emulated["placement_group_bundles"] == [{"CPU": 0.5, "skyray_slot": 1}, {"skyray_slot": 1}]
     assert gpu["max_ongoing_requests"] == 1
     auto = gpu["autoscaling_config"]
     assert (auto["min_replicas"], auto["max_replicas"], auto["target_ongoing_requests"]) == (0, 3, 1)
