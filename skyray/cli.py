@@ -103,17 +103,19 @@ def group_layout(args, storyboard, plan):
 
 
 def make_executor(args, storyboard, plan):
+    # Offloading shots need the weights loaded off the GPU from the start, not just moved between stages.
+    offload = any(s.sampling.offload for s in plan.shots)
     if args.executor == "local":
         from skyray.executors.local import LocalExecutor
 
-        return LocalExecutor(storyboard.model, args.device)
+        return LocalExecutor(storyboard.model, args.device, offload=offload)
     from skyray.executors.ray import RayExecutor
 
     groups, gpus, layout = group_layout(args, storyboard, plan)
     guidance = any(s.sampling.guided for s in plan.shots)
     return RayExecutor(storyboard.model, groups=groups, gpus_per_group=gpus, address=args.address,
                        parallel=layout if gpus > 1 else None, guidance=guidance, max_writers=args.writers,
-                       decode_gpu=args.decode_gpu, progress=not args.quiet)
+                       decode_gpu=args.decode_gpu, progress=not args.quiet, offload=offload)
 
 
 def cmd_render(args) -> int:

@@ -62,9 +62,11 @@ class Components:
         """A fresh scheduler with the film's flow shift (the stored one is never mutated)."""
         return type(self.scheduler).from_config(self.scheduler.config, flow_shift=float(shift))
 
-    def to(self, device: torch.device | str) -> Components:
+    def to(self, device: torch.device | str, offload: bool = False) -> Components:
+        """Move to ``device``; with ``offload`` only the VAE moves now and the text encoder and transformer stay
+        on the CPU until a stage needs them (weights never all on a small GPU at once)."""
         device = torch.device(device)
-        for m in (self.text_encoder, self.transformer, self.vae):
+        for m in (self.vae,) if offload else (self.text_encoder, self.transformer, self.vae):
             m.to(device)
         self.device = device
         return self
@@ -189,7 +191,7 @@ def check_model_folder(path: Path) -> None:
         )
 
 
-def load_folder(path: Path, device: torch.device) -> Components:
+def load_folder(path: Path, device: torch.device, offload: bool = False) -> Components:
     from diffusers import AutoencoderKLWan, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -204,11 +206,12 @@ def load_folder(path: Path, device: torch.device) -> Components:
     for m in (text_encoder, transformer, vae):
         m.eval().requires_grad_(False)
     fam = family_from_config(dict(transformer.config))
-    return Components(tokenizer, text_encoder, transformer, vae, scheduler, fam, str(path)).to(device)
+    return Components(tokenizer, text_encoder, transformer, vae, scheduler, fam, str(path)).to(device, offload)
 
 
-def load(model: str, device: torch.device | str | None = None) -> Components:
-    """Load ``model`` ('tiny', a diffusers folder or a hub id) onto ``device`` (default: cuda if present)."""
+def load(model: str, device: torch.device | str | None = None, offload: bool = False) -> Components:
+    """Load ``model`` ('tiny', a diffusers folder or a hub id) for ``device`` (default: cuda if present), in that
+    device's dtypes; ``offload`` leaves the text encoder and transformer on the CPU (see ``Components.to``)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model == TINY:
         comps = build_tiny()
@@ -221,8 +224,8 @@ def load(model: str, device: torch.device | str | None = None) -> Components:
                 if name and not any(k in name.split(".") for k in keep) and not list(module.children()):
                     module.to(dt["transformer"])
             comps.text_encoder.to(dt["text_encoder"])
-        return comps.to(device)
-    return load_folder(resolve_model_path(model), device)
+        return comps.to(device, offload)
+    return load_folder(resolve_model_path(model), device, offload)
 
 
 def build_empty(model: str, device: torch.device | str) -> Components:

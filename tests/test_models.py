@@ -58,3 +58,14 @@ def test_family_without_loading_weights():
     assert models.family_of("tiny").heads == 4
     assert models.family_of("Skywork/SkyReels-V2-DF-14B-720P-Diffusers").heads == 40
     assert models.family_of("Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers").layers == 30
+
+
+def test_offload_loads_text_encoder_and_transformer_off_the_device():
+    # "meta" stands in for a GPU: what moved to the device shows up there, what stays offloaded stays on the CPU.
+    comps = models.load("tiny", "meta", offload=True)
+    assert comps.device.type == "meta"
+    assert {p.device.type for p in comps.vae.parameters()} == {"meta"}
+    assert {p.device.type for p in comps.transformer.parameters()} == {"cpu"}
+    assert {p.device.type for p in comps.text_encoder.parameters()} == {"cpu"}
+    full = models.load("tiny", "meta")
+    assert {p.device.type for p in full.transformer.parameters()} == {"meta"}

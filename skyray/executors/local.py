@@ -13,8 +13,8 @@ from skyray.output.chain_writer import ChainWriter, load_handoff
 class LocalExecutor(Executor):
     groups = 1
 
-    def __init__(self, model: str, device: str | None = None) -> None:
-        self.worker = Worker(model, device, name="local")
+    def __init__(self, model: str, device: str | None = None, offload: bool = False) -> None:
+        self.worker = Worker(model, device, name="local", offload=offload)
         self._writers: dict[int, ChainWriter] = {}
 
     def submit(self, group: int, job: WindowJob, handoff: Any) -> tuple[WindowOutput, Handoff]:

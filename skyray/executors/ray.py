@@ -40,8 +40,8 @@ def ensure_ray(address: str | None = None) -> None:
 class _GroupWorker:
     """Ray actor body: one rank of a group. ``setup`` joins the group's process group (K > 1) and loads the model."""
 
-    def __init__(self, model: str, name: str, device: str | None) -> None:
-        self.model, self.name, self.device = model, name, device
+    def __init__(self, model: str, name: str, device: str | None, offload: bool = False) -> None:
+        self.model, self.name, self.device, self.offload = model, name, device, offload
         self.worker = None
 
     def placement(self):
@@ -67,7 +67,8 @@ class _GroupWorker:
             dev = init_group(rank, world, method, timeout_s=timeout_s, local_rank=local_rank, env=env)
             device = str(dev)
             parallel = GroupParallel.build(layout, family_of(self.model).heads, guidance, timeout_s)
-        self.worker = Worker(self.model, device, parallel=parallel, name=self.name, broadcast=world > 1)
+        self.worker = Worker(self.model, device, parallel=parallel, name=self.name, broadcast=world > 1,
+                             offload=self.offload)
         if rank == 0 and progress:
             self.worker.on_row = self._progress
         self._bar = None
@@ -154,6 +155,7 @@ class RayExecutor(Executor):
         decode_gpu: float = 0.0,
         progress: bool = True,
         placement_group=None,
+        offload: bool = False,
     ) -> None:
         ensure_ray(address)
         self.model = model
@@ -174,6 +176,7 @@ class RayExecutor(Executor):
         if placement_group is not None and groups != 1:
             raise ValueError("an existing placement group holds exactly one group")
         self._external_pg = placement_group
+        self.offload = offload
         self._groups = [self._start_group(g) for g in range(groups)]
         self._writers: dict[int, Any] = {}
         self._chain_writer: dict[int, int] = {}
@@ -211,7 +214,7 @@ class RayExecutor(Executor):
             if not self.use_gpu:
                 opts["resources"] = {EMULATED_SLOT: 1}
             actors.append(cls.options(**opts).remote(self.model, f"group{index}.{generation}/b{b}",
-                                                     "cuda" if self.use_gpu else "cpu"))
+                                                     "cuda" if self.use_gpu else "cpu", self.offload))
         try:
             if k == 1:
                 ray.get(actors[0].setup.remote(0, 1, None, None, self.guidance, {}, 0.0, 0, self.progress),

@@ -47,7 +47,13 @@ class Worker:
     """Holds a loaded model; ``render_window`` is pure given (job, handoff)."""
 
     def __init__(
-        self, model: str, device: str | None = None, parallel=None, name: str = "local", broadcast: bool = False
+        self,
+        model: str,
+        device: str | None = None,
+        parallel=None,
+        name: str = "local",
+        broadcast: bool = False,
+        offload: bool = False,
     ) -> None:
         from skyray import models
 
@@ -62,18 +68,24 @@ class Worker:
             from skyray.executors.distributed import broadcast_module
 
             rank0 = dist.get_rank() == 0
-            self.components = models.load(model, device) if rank0 else models.build_empty(model, device or "cpu")
-            for m in (self.components.text_encoder, self.components.transformer, self.components.vae):
+            c = models.load(model, device, offload) if rank0 else models.build_empty(model, "cpu")
+            c.device = torch.device(device or "cpu")
+            for m in (c.text_encoder, c.transformer, c.vae):
+                # NCCL sends from the GPU: one module there at a time, back to the CPU after when offloading.
+                m.to(c.device)
                 broadcast_module(m)
+                if offload and m is not c.vae:
+                    m.to("cpu")
+            self.components = c
         else:
-            self.components = models.load(model, device)
+            self.components = models.load(model, device, offload)
         self.prompts = PromptCache(self.components.tokenizer, self.components.text_encoder)
         self.parallel = parallel
         self.name = name
         self.on_row = None  # optional callback(shot_id, window, row, rows) for in-process progress bars
         self._schedulers: dict[float, object] = {}
         self._encoded: set[str] = set()  # prompts the PromptCache holds (offload skips the encoder for them)
-        self._offloaded = False  # an offloading job ran: modules may sit on the CPU
+        self._offloaded = offload  # modules may sit on the CPU (loaded offloaded, or an offloading job ran)
 
     def _scheduler(self, shift: float):
         if shift not in self._schedulers:
