@@ -245,3 +245,34 @@ def test_repeated_failure_stops_with_a_clear_error_and_keeps_finished_shots(exec
     assert flaky.recovered == 2
     shots = tmp_path / "out" / "shots"
     assert (shots / "a.mp4").is_file() and (shots / "b.mp4").is_file() and not (shots / "c.mp4").exists()
+
+
+def test_killed_render_process_reruns_no_finished_shot(tmp_path):
+    """SIGKILL the real `skyray render` process once its first shot is recorded; the rerun renders only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sb = tmp_path / "film.yaml"
+    sb.write_text(SMALL.replace("frames: 9", "frames: 97"))  # a long last shot keeps the process busy
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "skyray.cli", "render", str(sb), "--out", str(out), "--executor", "local", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "shots" / "a.json").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "render ended before its first shot"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "film.mp4").exists()
+    first = json.loads((out / "shots" / "a.json").read_text())
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    shots = {s["id"]: s for s in manifest["shots"]}
+    assert shots["a"]["reused"] is True and shots["c"]["reused"] is False
+    assert json.loads((out / "shots" / "a.json").read_text()) == first  # the finished shot was not touched
+    assert probe(out / "film.mp4").frames == sum(s["frames"] for s in manifest["shots"])
