@@ -222,10 +222,10 @@ def render_film(
             handoff = str(shots_dir / f"{parent}.tail.safetensors") if state[parent].reused else executor.handoff(state[parent].last)
         while st.next < len(st.jobs):
             ck = checkpoint_path(ckpt_dir, st.plan.id, st.next)
-            if not ck.is_file() or checkpoint_meta(ck).get("hash") != st.hash:
+            meta = checkpoint_meta(ck) if ck.is_file() else {}
+            if meta.get("hash") != st.hash:
                 break
             executor.add_window(st.chain, st.plan.id, str(ck), None, {})
-            meta = checkpoint_meta(ck)
             st.windows.append({**meta.get("window_meta", {}), "resumed": True})
             handoff = str(ck)
             st.next += 1

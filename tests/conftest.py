@@ -12,6 +12,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture
+def folder(tmp_path):
+    """A storyboard folder holding ``still.png`` (the image the sample film's portrait shot uses)."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (30, 60, 90)).save(tmp_path / "still.png")
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def tiny():
     from skyray import models

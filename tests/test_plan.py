@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from sample_film import FILM
 
 from skyray.engine import schedule
 from skyray.models import FAMILIES
@@ -14,47 +14,6 @@ from skyray.plan import compile_plan, format_plan
 from skyray.storyboard import Storyboard, StoryboardError, load_storyboard, parse_storyboard
 
 REPO = Path(__file__).resolve().parents[1]
-
-# Window = 17 frames = 5 latents; overlap 5 frames = 2 latents handed on.
-FILM = """\
-title: Test film
-resolution: 64x64
-fps: 8
-seed: 7
-defaults:
-  steps: 3
-  base_num_frames: 17
-  overlap_history: 5
-  guidance_scale: 5.0
-shots:
-  - id: open            # fresh, 25 frames = 7 latents: [0+5] [2+2]
-    prompt: [dawn, noon]
-    frames: 25
-  - id: follow          # 16 new frames = 4 latents after open's last 2: [2+3] [2+1]
-    continue: true
-    prompt: dusk
-    frames: 16
-    steps: 2
-  - id: portrait        # 2.0 s -> 17 frames = 5 latents, the image is latent 0: [1+4+1] with the end image
-    image: still.png
-    end_image: still.png
-    prompt: a face
-    duration: 2.0
-    seed: 100
-    transition: {fade: 0.5}
-  - id: branch          # 1.4 s -> 12 frames = 3 latents after open's last 2: [2+3]
-    continue_from: open
-    prompt: night
-    duration: 1.4
-    guidance_scale: 1
-    ar_step: 1
-"""
-
-
-@pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    Image.new("RGB", (64, 64), (30, 60, 90)).save(tmp_path / "still.png")
-    return tmp_path
 
 
 def plan_of(folder: Path, text: str = FILM):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from sample_film import FILM
 
 from skyray.storyboard import (
     SAMPLING_FIELDS,
@@ -18,46 +18,6 @@ from skyray.storyboard import (
     parse_storyboard,
     snap_duration,
 )
-
-FILM = """\
-title: Test film
-resolution: 64x64
-fps: 8
-seed: 7
-defaults:
-  steps: 3
-  base_num_frames: 17
-  overlap_history: 5
-  guidance_scale: 5.0
-shots:
-  - id: open
-    prompt: [dawn, noon]
-    frames: 25
-  - id: follow
-    continue: true
-    prompt: dusk
-    frames: 16
-    steps: 2
-  - id: portrait
-    image: still.png
-    end_image: still.png
-    prompt: a face
-    duration: 2.0
-    seed: 100
-    transition: {fade: 0.5}
-  - id: branch
-    continue_from: open
-    prompt: night
-    duration: 1.4
-    guidance_scale: 1
-    ar_step: 1
-"""
-
-
-@pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    Image.new("RGB", (64, 64), (200, 120, 40)).save(tmp_path / "still.png")
-    return tmp_path
 
 
 def load(folder: Path, text: str):

@@ -6,7 +6,7 @@ window checkpoint on disk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -29,4 +29,3 @@ class WindowOutput:
     seconds: float = 0.0
     forwards: int = 0
     worker: str = ""
-    meta: dict = field(default_factory=dict)

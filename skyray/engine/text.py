@@ -64,6 +64,9 @@ class PromptCache:
         self._encoder = text_encoder
         self._cache: dict[str, torch.Tensor] = {}
 
+    def __contains__(self, prompt: str) -> bool:
+        return prompt in self._cache
+
     def get(self, prompt: str) -> torch.Tensor:
         if prompt not in self._cache:
             self._cache[prompt] = encode(self._tokenizer, self._encoder, [prompt])

@@ -84,7 +84,6 @@ class Worker:
         self.name = name
         self.on_row = None  # optional callback(shot_id, window, row, rows) for in-process progress bars
         self._schedulers: dict[float, object] = {}
-        self._encoded: set[str] = set()  # prompts the PromptCache holds (offload skips the encoder for them)
         self._offloaded = offload  # modules may sit on the CPU (loaded offloaded, or an offloading job ran)
 
     def _scheduler(self, shift: float):
@@ -95,7 +94,7 @@ class Worker:
     def _encode_prompts(self, prompt: str, negative_prompt: str, cfg: SamplerConfig):
         """The window's text embeddings; with ``offload`` the text encoder visits the GPU only to encode."""
         wanted = [prompt, negative_prompt] if cfg.guidance else [prompt]
-        if all(p in self._encoded for p in wanted):
+        if all(p in self.prompts for p in wanted):  # cached: the encoder need not move
             text = self.prompts.embeds(prompt, negative_prompt, cfg.guidance)
         elif not cfg.offload:
             if self._offloaded:
@@ -107,7 +106,6 @@ class Worker:
                 text = self.prompts.embeds(prompt, negative_prompt, cfg.guidance)
             finally:
                 self.components.text_encoder.to("cpu")
-        self._encoded.update(wanted)
         return text
 
     @torch.no_grad()
