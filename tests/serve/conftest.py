@@ -84,3 +84,21 @@ def serve_env(tmp_path_factory) -> Iterator[ServeEnv]:
 def client(serve_env) -> Iterator[httpx.Client]:
     with serve_env.client() as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """One real PostgreSQL server for the session (see databases.py)."""
+    from databases import PostgresServer
+
+    server = PostgresServer(tmp_path_factory.mktemp("pgdata"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def job_db(request, tmp_path) -> str:
+    """A fresh job database: an SQLite file, or a new database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "jobs.sqlite")
+    return request.getfixturevalue("postgres").new_database()
