@@ -12,6 +12,7 @@ counts).  Only a resolved storyboard can be planned.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -23,6 +24,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+import yaml.composer
+import yaml.constructor
+import yaml.parser
+import yaml.reader
+import yaml.resolver
+import yaml.scanner
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from skyray.engine import schedule
@@ -365,29 +372,177 @@ def video_prefix_latents(video_frames: int, overlap_history: int, causal_block_s
     return schedule.prefix_latents(min(overlap_history, usable), causal_block_size)
 
 
+# ------------------------------------------------------------------------------------------------------ limits
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What reading one storyboard may cost, enforced on every path that reads one (CLI, Serve, batch) before
+    pydantic sees it, so that hostile input is refused within milliseconds and in bounded memory.
+
+    YAML is held to these while it is composed: an alias bomb or merge keys that copy each other are refused before
+    anything is expanded.  Data given as a dict (JSON, a Serve request, a batch line) is held to the same limits.
+    """
+
+    max_bytes: int = 16 << 20
+    """Length of the storyboard text."""
+    max_nodes: int = 50_000
+    """Values (mappings, lists, keys and scalars) once aliases and merge keys are expanded, each alias counting its
+    whole target again; a 2000-shot film written out in full takes about 30,000."""
+    max_depth: int = 12
+    """Levels of nesting, scalars included (a storyboard needs 5: film, shots, shot, prompt list, prompt)."""
+    max_shots: int = 2000
+    max_prompt_chars: int = 4000
+    """Characters of one prompt or negative prompt.  The text encoder reads 512 tokens (about 2000 characters of
+    English); the rest is room for the prompt enhancer's rewrites.  The plan warns when a prompt will be cut."""
+    max_string_chars: int = 4096
+    """Characters of any other string (a title, an id, a path)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"InputLimits.{f.name} must be >= 1, got {getattr(self, f.name)}")
+
+
+PROMPT_FIELDS = ("prompt", "original_prompt", "negative_prompt")
+ENCODER_TOKENS = 512  # engine.text.MAX_TEXT_TOKENS, not imported: it pulls in torch
+CHARS_PER_TOKEN = 4  # UMT5's sentencepiece on English prose; a rough figure, used only to warn
+MAX_KEY_CHARS = 256
+MAX_NUMBER_CHARS = 64
+_MAX_ISSUES = 20
+
+
+def _check_bounds(data: dict, limits: InputLimits, lines: _Node | None, source: str) -> None:
+    """Refuse data over ``limits`` before pydantic walks it (and walks each shared alias once per use)."""
+    shots = data.get("shots")
+    if isinstance(shots, list) and len(shots) > limits.max_shots:
+        message = f"{len(shots)} shots, over the limit of {limits.max_shots}; split the film into several storyboards"
+        raise StoryboardError([_issue(source, lines, ("shots",), message, [])])
+    ids = _raw_ids(data)
+    issues: list[Issue] = []
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
+    count = 1
+    while stack and len(issues) < _MAX_ISSUES:
+        loc, value = stack.pop()
+        if len(loc) + 1 > limits.max_depth:
+            message = f"nested more than {limits.max_depth} levels deep (a storyboard needs 5)"
+            raise StoryboardError([_issue(source, lines, loc, message, ids)])
+        if isinstance(value, str):
+            prompt = bool(loc) and (loc[-1] in PROMPT_FIELDS or (len(loc) > 1 and loc[-2] in PROMPT_FIELDS))
+            limit = limits.max_prompt_chars if prompt else limits.max_string_chars
+            if len(value) > limit:
+                hint = (
+                    " (the text encoder reads 512 tokens, about 2000 characters; shorten it, or give one prompt per "
+                    "window as a list)"
+                    if prompt
+                    else ""
+                )
+                issues.append(
+                    _issue(source, lines, loc, f"{len(value)} characters, over the limit of {limit}{hint}", ids)
+                )
+            continue
+        if isinstance(value, dict):
+            children: Any = value.items()
+        elif isinstance(value, (list, tuple)):
+            children = enumerate(value)
+        else:
+            continue
+        count += len(value)
+        if count > limits.max_nodes:
+            message = f"the storyboard holds more than {limits.max_nodes} values (each alias counts its target again)"
+            raise StoryboardError([_issue(source, lines, loc, message, ids)])
+        for key, child in children:
+            if isinstance(key, str) and len(key) > MAX_KEY_CHARS:
+                issues.append(
+                    _issue(source, lines, loc, f"a key of {len(key)} characters (at most {MAX_KEY_CHARS})", ids)
+                )
+                continue
+            stack.append(((*loc, key), child))
+    if issues:
+        raise StoryboardError(issues)
+
+
 # ----------------------------------------------------------------------------------------------------- loading
 
 
-def load_storyboard(path: str | Path) -> Storyboard:
+@dataclass(frozen=True)
+class RawStoryboard:
+    """Storyboard text read within the input limits but not yet validated: plain data, and where it was written."""
+
+    data: Any
+    source: str
+    lines: _Node | None
+
+    def validate(self, base_dir: str | Path, data: Any = None, limits: InputLimits | None = None) -> Storyboard:
+        """Validate and resolve ``data`` (default: what was read), located by the lines of the text."""
+        return storyboard_from_data(
+            self.data if data is None else data, base_dir, self.source, limits=limits, _lines=self.lines
+        )
+
+
+def load_storyboard(path: str | Path, limits: InputLimits | None = None) -> Storyboard:
     """Read, validate and resolve a storyboard file (YAML or JSON); relative paths resolve against its folder."""
-    path = Path(path)
+    path, limits = Path(path), limits or InputLimits()
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise StoryboardError(
+                [
+                    Issue(
+                        str(path),
+                        None,
+                        None,
+                        None,
+                        None,
+                        f"the storyboard is {size} bytes, over the limit of {limits.max_bytes}",
+                    )
+                ]
+            )
+        raw = path.read_bytes()
     except OSError as exc:
         raise StoryboardError(
             [Issue(str(path), None, None, None, None, f"cannot read storyboard: {exc.strerror}")]
         ) from None
-    return parse_storyboard(text, path.parent, source_name=str(path))
-
-
-def parse_storyboard(text: str, base_dir: str | Path, source_name: str = "<string>") -> Storyboard:
-    """Validate and resolve a storyboard given as YAML or JSON text."""
     try:
-        node, data, duplicates = _compose(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        message = f"not UTF-8 text: byte 0x{raw[exc.start]:02x} cannot be decoded (save the file as UTF-8)"
+        raise StoryboardError([Issue(str(path), line, None, None, None, message)]) from None
+    return parse_storyboard(text, path.parent, source_name=str(path), limits=limits)
+
+
+def parse_storyboard(
+    text: str, base_dir: str | Path, source_name: str = "<string>", limits: InputLimits | None = None
+) -> Storyboard:
+    """Validate and resolve a storyboard given as YAML or JSON text."""
+    limits = limits or InputLimits()
+    return read_storyboard(text, source_name, limits).validate(base_dir, limits=limits)
+
+
+def read_storyboard(text: str, source_name: str = "<string>", limits: InputLimits | None = None) -> RawStoryboard:
+    """Parse YAML or JSON text within ``limits``; raises :class:`StoryboardError` (with lines) on unreadable or
+    oversized text and on keys repeated within one mapping."""
+    limits = limits or InputLimits()
+    if len(text) > limits.max_bytes:
+        raise StoryboardError(
+            [
+                Issue(
+                    source_name,
+                    None,
+                    None,
+                    None,
+                    None,
+                    f"the storyboard is {len(text)} characters, over the limit of {limits.max_bytes}",
+                )
+            ]
+        )
+    try:
+        node, data, duplicates = _compose(text, limits)
+    except _Refused as exc:
+        raise StoryboardError([Issue(source_name, exc.line, exc.column, None, None, exc.message)]) from None
     except yaml.MarkedYAMLError as exc:
-        try:
-            json.loads(text)
-        except ValueError:
+        if "\t" not in text or not _is_json(text):
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark else None
             column = mark.column + 1 if mark else None
@@ -395,7 +550,13 @@ def parse_storyboard(text: str, base_dir: str | Path, source_name: str = "<strin
             raise StoryboardError([Issue(source_name, line, column, None, None, f"not valid YAML: {detail}")]) from None
         # Valid JSON that YAML rejects is JSON indented with tabs; JSON strings cannot hold a raw tab, so
         # spaces in their place change nothing but let YAML keep the line numbers.
-        node, data, duplicates = _compose(text.replace("\t", " "))
+        try:
+            node, data, duplicates = _compose(text.replace("\t", " "), limits)
+        except _Refused as refused:
+            issue = Issue(source_name, refused.line, refused.column, None, None, refused.message)
+            raise StoryboardError([issue]) from None
+    except ValueError as exc:  # a scalar YAML resolves but Python cannot convert (a date like 2024-02-30)
+        raise StoryboardError([Issue(source_name, None, None, None, None, f"not valid YAML: {exc}")]) from None
     lines = _node_lines(node) if node is not None else None
     issues = []
     for key, first, line, col in duplicates:
@@ -405,11 +566,19 @@ def parse_storyboard(text: str, base_dir: str | Path, source_name: str = "<strin
         issues.append(_issue(source_name, lines, loc, message, _raw_ids(data), line=line, column=col))
     if issues:
         raise StoryboardError(issues)
-    return storyboard_from_data(data, base_dir, source_name, _lines=lines)
+    return RawStoryboard(data, source_name, lines)
 
 
-def _compose(text: str) -> tuple[yaml.Node | None, Any, list[tuple[str, int, int, int]]]:
-    loader = _LineLoader(text)
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):  # the C decoder recurses per nesting level
+        return False
+    return True
+
+
+def _compose(text: str, limits: InputLimits) -> tuple[yaml.Node | None, Any, list[tuple[str, int, int, int]]]:
+    loader = _LineLoader(text, limits)
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
@@ -419,7 +588,12 @@ def _compose(text: str) -> tuple[yaml.Node | None, Any, list[tuple[str, int, int
 
 
 def storyboard_from_data(
-    data: Any, base_dir: str | Path, source_name: str = "<data>", *, _lines: _Node | None = None
+    data: Any,
+    base_dir: str | Path,
+    source_name: str = "<data>",
+    *,
+    limits: InputLimits | None = None,
+    _lines: _Node | None = None,
 ) -> Storyboard:
     """Validate and resolve an already-parsed storyboard (a dict as from ``yaml.safe_load`` or ``json.loads``)."""
     if not isinstance(data, dict):
@@ -436,6 +610,7 @@ def storyboard_from_data(
                 )
             ]
         )
+    _check_bounds(data, limits or InputLimits(), _lines, source_name)
     try:
         sb = Storyboard.model_validate(data)
     except ValidationError as exc:
@@ -446,12 +621,107 @@ def storyboard_from_data(
     return sb
 
 
-class _LineLoader(yaml.SafeLoader):
-    """A SafeLoader that also reports keys repeated within one mapping (plain YAML keeps the last silently)."""
+class _Refused(Exception):
+    """YAML over the input limits, refused where it was being read."""
 
-    def __init__(self, stream: str):
-        super().__init__(stream)
+    def __init__(self, mark: Any, message: str) -> None:
+        super().__init__(message)
+        self.line, self.column, self.message = mark.line + 1, mark.column + 1, message
+
+
+try:  # libyaml scans in C: a megabyte-long scalar costs milliseconds instead of a second
+    from yaml.cyaml import CParser as _EventParser
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+
+    class _EventParser(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):  # type: ignore[no-redef]
+        def __init__(self, stream: str) -> None:
+            yaml.reader.Reader.__init__(self, stream)
+            yaml.scanner.Scanner.__init__(self)
+            yaml.parser.Parser.__init__(self)
+
+
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+class _LineLoader(_EventParser, yaml.composer.Composer, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+    """A SafeLoader held to :class:`InputLimits` that also reports keys repeated within one mapping (plain YAML
+    keeps the last silently).
+
+    The expanded size is counted as the document is composed: a new node counts 1, an alias the whole expanded
+    size of its target.  So the count is exact and refused the moment it passes the budget, before anything is
+    copied (SafeConstructor copies merge keys' pairs; pydantic and the line map walk each alias once per use).
+    """
+
+    # The Python composer (with the hooks below), fed by the event parser.
+    get_single_node = yaml.composer.Composer.get_single_node
+    get_node = yaml.composer.Composer.get_node
+    check_node = yaml.composer.Composer.check_node
+
+    def __init__(self, stream: str, limits: InputLimits):
+        _EventParser.__init__(self, stream)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
+        self.limits = limits
         self.duplicates: list[tuple[str, int, int, int]] = []
+        self._expanded = 0
+        self._measured: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded size, height)
+        self._path: list[Any] = []  # keys (or indices) from the root to the node being composed
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        limits = self.limits
+        mark = self.peek_event().start_mark
+        key = index.value if isinstance(index, yaml.ScalarNode) else index
+        depth = len(self._path) + 1
+        if depth > limits.max_depth:
+            raise _Refused(mark, f"nested more than {limits.max_depth} levels deep (a storyboard needs 5)")
+        if depth == 3 and self._path[1] == "shots" and isinstance(key, int) and key >= limits.max_shots:
+            raise _Refused(
+                mark,
+                f"more than {limits.max_shots} shots, over the limit of {limits.max_shots}; split "
+                "the film into several storyboards",
+            )
+        alias = self.check_event(yaml.AliasEvent)
+        before = self._expanded
+        if not alias:
+            self._count(1, mark)
+        self._path.append(key)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._path.pop()
+        if alias:
+            measured = self._measured.get(id(node))
+            if measured is None:
+                raise _Refused(mark, "an alias inside the very mapping or list it names (a recursive alias)")
+            size, height = measured
+            self._count(size, mark)
+        else:
+            size, height = self._expanded - before, self._height(node)
+            self._measured[id(node)] = (size, height)
+            if isinstance(node, yaml.ScalarNode) and node.tag in _NUMBER_TAGS and len(node.value) > MAX_NUMBER_CHARS:
+                raise _Refused(mark, f"a number of {len(node.value)} characters")
+        if depth + height - 1 > limits.max_depth:
+            raise _Refused(mark, f"the alias nests more than {limits.max_depth} levels deep (a storyboard needs 5)")
+        return node
+
+    def _count(self, nodes: int, mark: Any) -> None:
+        self._expanded += nodes
+        if self._expanded > self.limits.max_nodes:
+            raise _Refused(
+                mark,
+                f"the storyboard expands to more than {self.limits.max_nodes} YAML nodes (each "
+                "alias and merge key counts its target again); write it out with fewer aliases",
+            )
+
+    def _height(self, node: yaml.Node) -> int:
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            return 1
+        return 1 + max((self._measured[id(c)][1] for c in children), default=0)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[str, int] = {}
@@ -660,6 +930,7 @@ def _resolve(sb: Storyboard, base_dir: Path) -> None:
             shot.seed = (sb.seed + i) % MAX_SEED
         _check_links(sb, i, first_use, add)
         _check_settings(sb, i, add, warn)
+        _check_prompt_length(sb, i, warn)
         for name in ("image", "end_image", "video"):
             raw = getattr(shot, name)
             if raw is not None:
@@ -743,6 +1014,34 @@ def _check_settings(sb: Storyboard, i: int, add: Any, warn: Any) -> None:
             sb.setting_loc(i, "addnoise_condition"),
             f"addnoise_condition {noise:g} is high (reference default 20, suggested <= 50): prefixes lose detail",
         )
+
+
+def _check_prompt_length(sb: Storyboard, i: int, warn: Any) -> None:
+    """Warn where the text encoder will cut a prompt: exactly for the built-in tiny model, whose tokenizer reads one
+    token per character, and from a rough characters-per-token figure for the others (the real count is known
+    only once the tokenizer is loaded; the worker logs it)."""
+    shot = sb.shots[i]
+    texts = [
+        (("shots", i, "prompt", j) if len(shot.prompt) > 1 else ("shots", i, "prompt"), p)
+        for j, p in enumerate(shot.prompt)
+    ]
+    texts.append((sb.setting_loc(i, "negative_prompt"), sb.setting(i, "negative_prompt")))
+    for loc, text in texts:
+        chars = len(" ".join(text.split()))  # the encoder collapses whitespace first
+        if sb.model == "tiny":
+            tokens = chars + 1  # one per character, and the end-of-text token
+            if tokens > ENCODER_TOKENS:
+                warn(
+                    loc,
+                    f"the prompt is {tokens} tokens; the text encoder reads the first {ENCODER_TOKENS} "
+                    "and drops the rest",
+                )
+        elif chars > ENCODER_TOKENS * CHARS_PER_TOKEN:
+            warn(
+                loc,
+                f"the prompt is {chars} characters, probably over the text encoder's {ENCODER_TOKENS} tokens "
+                f"(about {ENCODER_TOKENS * CHARS_PER_TOKEN} characters of English): the rest would be dropped",
+            )
 
 
 def _check_file(sb: Storyboard, i: int, name: str, base_dir: Path, add: Any) -> Path | None:
