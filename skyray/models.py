@@ -18,6 +18,9 @@ REQUIRED_PARTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler"
 HUB_PREFIX = "Skywork/"
 TINY = "tiny"
 TINY_SEED = 20250601
+# A small model trained on procedural scenes (tools/train_tiny.py), shipped as package data: the demo model.
+TINY_TRAINED = "tiny-trained"
+TINY_TRAINED_DIR = Path(__file__).resolve().parent / "assets" / "tiny_trained"
 # Character-level vocabulary for the tiny tokenizer: any prompt maps to real tokens, none to <unk> only.
 _TINY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?'\"-()/&"
 
@@ -91,7 +94,7 @@ def family_of(model: str) -> ModelFamily:
     """Family of a model reference without loading weights (reads transformer/config.json for folders)."""
     if model == TINY:
         return FAMILIES["tiny"]
-    path = Path(model)
+    path = TINY_TRAINED_DIR if model == TINY_TRAINED else Path(model)
     cfg_path = path / "transformer" / "config.json"
     if cfg_path.is_file():
         return family_from_config(json.loads(cfg_path.read_text()))
@@ -164,6 +167,8 @@ def build_tiny() -> Components:
 
 def resolve_model_path(model: str) -> Path:
     """A local diffusers folder for ``model``: the folder itself, or a hub snapshot downloaded once."""
+    if model == TINY_TRAINED:
+        return TINY_TRAINED_DIR
     path = Path(model).expanduser()
     if path.exists():
         return path
