@@ -14,28 +14,41 @@ import time
 from pathlib import Path
 from typing import Any
 
-from skyray.storyboard import SAMPLING_FIELDS, StoryboardError, storyboard_from_data
+from skyray.storyboard import SAMPLING_FIELDS, InputLimits, StoryboardError, storyboard_from_data
 
 SHOT_FIELDS = {"prompt", "frames", "duration", "seed", "image", "end_image"}
 
 
-def parse_requests(path: str | Path, film: dict[str, Any]) -> tuple[list[dict], list[dict]]:
-    """(valid rows, index rows of invalid lines); validation only, no model."""
-    path = Path(path)
+def parse_requests(
+    path: str | Path, film: dict[str, Any], limits: InputLimits | None = None
+) -> tuple[list[dict], list[dict]]:
+    """(valid rows, index rows of invalid lines); validation only, no model.  Each line is held to ``limits``
+    (those of one storyboard), and a line that is not UTF-8 or nests too deeply is one invalid line."""
+    path, limits = Path(path), limits or InputLimits()
     valid, invalid = [], []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
+    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
             continue
         rid = f"r{n:05d}"
+        line = raw.decode("utf-8", errors="replace")
         try:
-            req = json.loads(line)
+            if len(raw) > limits.max_bytes:
+                raise ValueError(f"the line is {len(raw)} bytes, over the limit of {limits.max_bytes}")
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"not UTF-8 text (byte {exc.start} of the line)") from None
+            try:
+                req = json.loads(line)
+            except RecursionError:  # the JSON decoder recurses per nesting level
+                raise ValueError(f"nested more than {limits.max_depth} levels deep") from None
             if not isinstance(req, dict):
                 raise ValueError("a request must be a JSON object")
             unknown = sorted(set(req) - SHOT_FIELDS - set(SAMPLING_FIELDS) - {"id"})
             if unknown:
                 raise ValueError(f"unknown field(s) {', '.join(unknown)}")
             data = {**film, "title": rid, "shots": [{"id": "shot", **{k: v for k, v in req.items() if k != "id"}}]}
-            storyboard_from_data(data, path.parent, f"{path.name} line {n}")
+            storyboard_from_data(data, path.parent, f"{path.name} line {n}", limits=limits)
         except (ValueError, StoryboardError) as err:
             msg = str(err).replace("\n", "; ")
             invalid.append({"id": rid, "line": n, "request": line[:500], "status": "invalid",

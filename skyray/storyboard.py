@@ -547,7 +547,10 @@ def read_storyboard(text: str, source_name: str = "<string>", limits: InputLimit
             line = mark.line + 1 if mark else None
             column = mark.column + 1 if mark else None
             detail = " ".join(p for p in (exc.context, exc.problem) if p)
-            raise StoryboardError([Issue(source_name, line, column, None, None, f"not valid YAML: {detail}")]) from None
+            message = f"not valid YAML: {detail}"
+            if "maximum nesting depth" in detail:  # libyaml's own limit, met before ours on long runs of brackets
+                message = f"nested more than {limits.max_depth} levels deep (a storyboard needs 5)"
+            raise StoryboardError([Issue(source_name, line, column, None, None, message)]) from None
         # Valid JSON that YAML rejects is JSON indented with tabs; JSON strings cannot hold a raw tab, so
         # spaces in their place change nothing but let YAML keep the line numbers.
         try:
