@@ -9,6 +9,7 @@ another token's job answers 404 exactly like a job that does not exist.  Bodies 
 import asyncio
 import json
 import math
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -21,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from skyray.serve.admission import JSON_TYPES, YAML_TYPES, Admitted, Rejected, admit_film, admit_shot
 from skyray.serve.auth import TokenAuth
+from skyray.serve.quotas import check_quota
 from skyray.serve.schema import (
     JOB_ID_PATTERN,
     Health,
@@ -136,8 +138,17 @@ def create_api(service: "Ingress") -> FastAPI:
     def job_of(job_id: JobId, who: Owner) -> Job:
         job = store.get(job_id, who)
         if job is None:
+            gone(job_id, who, "")
             raise Rejected(404, f"no job {job_id}")
         return job
+
+    def gone(job_id: str, who: str, field: str) -> None:
+        """410 for an expired job of ``who`` (its files and record were deleted after ``job_ttl_s``)."""
+        expired = store.expired_at(job_id, who)
+        if expired is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expired))
+            raise Rejected(410, f"{field}job {job_id} expired at {when} (finished jobs are kept "
+                                f"{options.job_ttl_s:g} s): its files and record are deleted")
 
     ThisJob = Annotated[Job, Depends(job_of)]
 
@@ -153,7 +164,7 @@ def create_api(service: "Ingress") -> FastAPI:
             queue_position=store.queue_position(job) if job.status == QUEUED else None,
             cancel_requested=job.cancel_requested, restarts=job.restarts, error=job.error, parent=job.parent,
             video_url=f"{base}/video" if job.status == DONE else None,
-            manifest_url=f"{base}/manifest" if job.status == DONE else None,
+            manifest_url=f"{base}/manifest" if job.status == DONE else None, expires_at=job.expires_at,
         )
 
     def check_queue() -> None:
@@ -165,13 +176,15 @@ def create_api(service: "Ingress") -> FastAPI:
 
     def enqueue(who: str, admitted: Admitted) -> JobAccepted:
         check_queue()  # again: the queue may have filled while the request was being checked
+        check_quota(store, who, options, admitted.frames)
         store.add(admitted.job_id, who, admitted.kind, admitted.model, admitted.storyboard, admitted.video,
-                  admitted.parent)
+                  admitted.parent, frames=admitted.frames)
         service.on_submitted(admitted.kind)
         return JobAccepted(id=admitted.job_id, status=QUEUED)
 
     async def admit(who: str, build) -> JSONResponse:
         check_queue()
+        check_quota(store, who, options)
         job_id = uuid.uuid4().hex
         job_dir = options.jobs_dir / job_id
         try:
@@ -193,6 +206,7 @@ def create_api(service: "Ingress") -> FastAPI:
         if req.continue_from is not None:
             parent = store.get(req.continue_from, who)
             if parent is None:
+                gone(req.continue_from, who, "continue_from: ")
                 raise Rejected(422, f"continue_from: no job {req.continue_from}")
         return await admit(who, lambda job_id, job_dir: admit_shot(req, job_id, job_dir, options, parent))
 

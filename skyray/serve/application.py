@@ -1,4 +1,5 @@
-"""Build the Serve application: one ``Ingress`` and one ``Renderer`` deployment per served model.
+"""Build the Serve application: an ``Ingress`` deployment (``ingress_replicas`` replicas sharing the job store)
+and one ``Renderer`` deployment per served model.
 
 A renderer replica is one GPU group: a placement group of ``gpus_per_replica`` bundles packed on one node
 (``STRICT_PACK``), the replica itself in the first bundle.  It takes one job at a time and scales between
@@ -61,4 +62,5 @@ def build_app(options: ServeOptions) -> Application:
         model: Renderer.options(**renderer_options(options, i)).bind(replica_options, model)
         for i, model in enumerate(options.models)
     }
-    return Ingress.bind(replica_options, hashes, renderers)
+    ingress = Ingress.options(num_replicas=options.ingress_replicas)
+    return ingress.bind(replica_options, hashes, renderers)

@@ -32,7 +32,10 @@ class ServeOptions:
     data_dir: str = "skyray-data"
     """Job outputs go to ``<data_dir>/jobs/<id>/``; must be shared by the ingress and every renderer replica."""
     job_db: str | None = None
-    """SQLite job database (default ``<data_dir>/jobs.sqlite``)."""
+    """SQLite job database (default ``<data_dir>/jobs.sqlite``); for one node only, never on a network filesystem."""
+    database_url: str | None = dataclasses.field(default=None, repr=False)
+    """PostgreSQL job database (``postgresql://user:pass@host/db``), shared by every ingress replica and renderer;
+    replaces ``job_db``.  Needs the ``postgres`` extra (psycopg)."""
     tokens: tuple[str, ...] = ()
     """Accepted bearer tokens (``SKYRAY_API_TOKEN``, comma-separated); only their SHA-256 reaches the replicas."""
     insecure_no_auth: bool = False
@@ -47,6 +50,8 @@ class ServeOptions:
     max_steps: int = 100
     """Denoising steps (and ar_step) a shot may ask for."""
     max_shots: int = 64
+    max_prompt_chars: int = 4000
+    """Characters of one prompt (the text encoder reads 512 tokens, about 2000 characters of English)."""
     max_body_bytes: int = 24 << 20
     """Request body cap (two base64 images of max_image_bytes fit)."""
     max_image_bytes: int = 8 << 20
@@ -56,6 +61,19 @@ class ServeOptions:
     """Jobs that may wait; beyond that a submission gets 429 with Retry-After."""
     max_restarts: int = 3
     """Renderer deaths one job survives before it is marked failed."""
+    job_ttl_s: float = 7 * 86400.0
+    """Finished jobs (done, failed, cancelled) are deleted, files and record, this long after they end (0: kept)."""
+    quota_queued: int = 0
+    """Jobs one token may have waiting (0: no limit beyond max_queue)."""
+    quota_running: int = 0
+    """Jobs of one token rendering at once; more wait in the queue, and a submission past it gets 429 (0: none)."""
+    quota_frames_per_day: int = 0
+    """Frames one token may submit in any 24 hours (0: no limit)."""
+
+    ingress_replicas: int = 1
+    """Ingress replicas (API + dispatcher); more than one needs a database_url, or all on one node with SQLite."""
+    dispatcher_lease_s: float = 10.0
+    """A dispatcher silent this long is presumed dead: another replica queues the jobs it was watching again."""
 
     min_replicas: int = 1
     max_replicas: int = 1
@@ -74,13 +92,21 @@ class ServeOptions:
     def __post_init__(self) -> None:
         if not self.models:
             raise OptionsError("serve at least one model")
-        ints = ("max_frames", "max_pixels", "max_side", "max_steps", "max_shots", "max_body_bytes",
-                "max_image_bytes", "max_image_pixels", "max_queue", "max_replicas")
+        ints = ("max_frames", "max_pixels", "max_side", "max_steps", "max_shots", "max_prompt_chars", "max_body_bytes",
+                "max_image_bytes", "max_image_pixels", "max_queue", "max_replicas", "ingress_replicas")
         for name in ints:
             if getattr(self, name) < 1:
                 raise OptionsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.min_replicas <= self.max_replicas:
             raise OptionsError(f"need 0 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
+        for name in ("quota_queued", "quota_running", "quota_frames_per_day", "job_ttl_s"):
+            if getattr(self, name) < 0:
+                raise OptionsError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
+        if self.dispatcher_lease_s <= 0:
+            raise OptionsError(f"dispatcher_lease_s must be > 0, got {self.dispatcher_lease_s}")
+        if self.database_url is not None and not self.database_url.startswith(("postgresql://", "postgres://",
+                                                                                 "postgresql+psycopg://")):
+            raise OptionsError("database_url must be a postgresql:// DSN (SQLite is job_db)")
         if self.emulated_ranks and self.gpus_per_replica:
             raise OptionsError("emulated_ranks is for CPU-only renderers (gpus_per_replica 0)")
         if self.gpus_per_replica < 0 or self.cpus_per_replica <= 0 or self.preview_size < 0 or self.max_restarts < 0:
@@ -102,6 +128,15 @@ class ServeOptions:
     @property
     def db_path(self) -> Path:
         return Path(self.job_db).expanduser().resolve() if self.job_db else self.jobs_dir.parent / "jobs.sqlite"
+
+    @property
+    def store_target(self) -> str:
+        """What ``JobStore`` opens: the PostgreSQL DSN, else the SQLite file."""
+        return self.database_url or str(self.db_path)
+
+    @property
+    def ttl_s(self) -> float | None:
+        return self.job_ttl_s or None
 
     @property
     def token_hashes(self) -> tuple[str, ...]:

@@ -281,7 +281,7 @@ class Renderer:
                     "this Renderer replica sees no GPU although gpus_per_replica="
                     f"{options.gpus_per_replica}: give the deployment ray_actor_options num_gpus: 1 "
                     "(a one-GPU replica renders on its own GPU), or set SKYRAY_GPUS_PER_REPLICA=0 to render on CPU")
-        self.store = JobStore(options.db_path)
+        self.store = JobStore(options.store_target, ttl_s=options.ttl_s)
         self._stopping = threading.Event()
         # Loaded once, reused by every job.
         if options.ranks_per_replica > 1:

@@ -79,6 +79,7 @@ class JobView(BaseModel):
     parent: str | None = None
     video_url: str | None = None
     manifest_url: str | None = None
+    expires_at: float | None = Field(None, description="When a finished job's files and record are deleted.")
 
 
 class JobList(BaseModel):

@@ -10,6 +10,7 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -89,11 +90,17 @@ def client(serve_env) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory):
     """One real PostgreSQL server for the session (see databases.py)."""
+    import shutil
+    import tempfile
+
     from databases import PostgresServer
 
-    server = PostgresServer(tmp_path_factory.mktemp("pgdata"))
+    # Not under pytest's 0700 temp folder: the server runs as its own system user and must reach its data.
+    folder = tempfile.mkdtemp(prefix="skyray-pgdata-")
+    server = PostgresServer(Path(folder))
     yield server
     server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
