@@ -7,12 +7,18 @@ the loop over blocks, for three reasons the stock ``forward`` cannot serve:
   stock forward builds a [B, 6, tokens, dim] fp32 tensor in every block: gigabytes at 540p);
 - batch > 1 works (the stock fps embedding broadcast breaks for two CFG branches in one batch), so conditional
   and unconditional passes can share one forward;
-- sequence parallelism and the block-causal mask hook in here: tokens are sharded within each frame, so every
-  rank keeps whole frames' modulation and only self-attention communicates.
+- sequence parallelism and block-causal attention hook in here: tokens are sharded within each frame, so every
+  rank keeps whole frames' modulation and only self-attention communicates; block-causal attention runs block by
+  block without a mask (``engine.attention``).
 
 What is the same for every forward of a window is computed once per window by whoever runs the window (the
-sampler): the rope angles and mask (:func:`window_geometry`), and the text side of every cross-attention
-(:func:`text_context`).  Called without them, ``df_forward`` computes both itself, with the same numbers.
+sampler): the rope angles and causal pattern (:func:`window_geometry`), and the text side of every
+cross-attention (:func:`text_context`).  Called without them, ``df_forward`` computes both itself, with the same
+numbers.
+
+Rope keeps the reference's precision whatever dtype the model was cast to: the angles come from a fresh copy of
+the checkpoint's rope module (fp64 angles, fp32 cos/sin as diffusers builds them), never from the model's own
+buffers, which ``.to(torch.bfloat16)`` casts and a meta-device load leaves empty.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from skyray.engine.attention import BlockCausal, attention
+
 
 class SequenceShard(Protocol):
     """What the forward needs from a sequence-parallel group (see ``engine.parallel``)."""
@@ -32,18 +40,22 @@ class SequenceShard(Protocol):
     world: int
     rank: int
 
-    def heads_to_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+    def heads_to_sequence(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int
+    ) -> tuple[torch.Tensor, ...]: ...
 
-    def sequence_to_heads(self, o: torch.Tensor) -> torch.Tensor: ...
+    def sequence_to_heads(self, o: torch.Tensor, frames: int) -> torch.Tensor: ...
 
     def gather_tokens(self, x: torch.Tensor) -> torch.Tensor: ...
 
-    # Optional: ``attention(q, k, v, mask) -> o`` on local [B, n, H, d] tensors replaces the all-to-all + SDPA
+    # ``heads_to_sequence`` returns the whole sequence in frame order (every frame's tokens together, as without
+    # sharding), so full and block-causal attention run on it unchanged.
+    # Optional: ``attention(q, k, v, causal) -> o`` on local [B, n, H, d] tensors replaces the all-to-all + SDPA
     # (``engine.parallel.XFuserShard``: Ulysses + Ring attention).
 
 
 def causal_block_ids(prefix: int, new: int, suffix: int, causal_block_size: int) -> list[int]:
-    """Block index of every latent frame for the block-causal mask.
+    """Block index of every latent frame for block-causal attention.
 
     Prefix and new frames are grouped into blocks of ``causal_block_size`` counted separately (so a prefix that is
     a whole number of blocks gives exactly the reference's ``frame // block`` ids); the suffix is one last block.
@@ -59,24 +71,47 @@ def causal_block_ids(prefix: int, new: int, suffix: int, causal_block_size: int)
 
 @dataclass(frozen=True)
 class Geometry:
-    """What every forward over one window shape shares: this rank's rope angles and the attention mask."""
+    """What every forward over one window shape shares: this rank's rope angles and the causal pattern."""
 
-    cos: torch.Tensor  # [1, n, 1, head_dim / 2]: cos of each interleaved pair's angle (the buffers' fp64)
+    cos: torch.Tensor  # [1, n, 1, head_dim / 2]: cos of each interleaved pair's angle (fp32, as the reference's)
     sin: torch.Tensor
-    mask: torch.Tensor | None  # [1, 1, N, N] bool over the attention order, or None (full attention)
+    causal: BlockCausal | None  # block-causal attention, or None (full attention)
     tokens_per_frame: int  # this rank's tokens of each latent frame
+
+
+@functools.lru_cache(maxsize=8)
+def _reference_rope(cls: type, head_dim: int, patch_size: tuple[int, ...], max_seq_len: int) -> torch.nn.Module:
+    # Built on the CPU outside any meta-device or dtype context the model was loaded under: its buffers are what
+    # the checkpoint's rope holds right after construction (diffusers' fp64 angles, cos/sin stored as fp32).
+    with torch.device("cpu"):
+        return cls(head_dim, patch_size, max_seq_len)
+
+
+def rope_angles(model, latents_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [1, F*h*w, 1, head_dim] of the model's rope for latents of ``latents_shape``, on the CPU, in
+    the reference's precision whatever dtype or device ``model`` is on."""
+    cfg = model.config
+    rope = _reference_rope(
+        type(model.rope), int(cfg.attention_head_dim), tuple(cfg.patch_size), int(cfg.rope_max_seq_len)
+    )
+    return rope(torch.empty((), device="meta").expand(latents_shape))  # reads only the shape
 
 
 def window_geometry(
     model, latents_shape: tuple[int, ...], device: torch.device, block_ids: list[int] | None = None,
     shard: SequenceShard | None = None,
 ) -> Geometry:
-    """Rope angles and block-causal mask for latents of ``latents_shape`` [B, C, F, H, W]; depends on nothing else."""
+    """Rope angles and causal pattern for latents of ``latents_shape`` [B, C, F, H, W]; depends on nothing else."""
     _, _, frames, height, width = latents_shape
     _, p_h, p_w = model.config.patch_size
     hw = (height // p_h) * (width // p_w)
-    cos, sin = model.rope(torch.empty((), device=device).expand(latents_shape))  # reads only the shape
-    order = torch.arange(frames * hw, device=device) // hw  # frame of each token, attention order
+    cos, sin = rope_angles(model, latents_shape)
+    causal = None
+    if block_ids is not None:
+        if len(block_ids) != frames:
+            raise ValueError(f"{len(block_ids)} causal block ids for a window of {frames} latent frames")
+        # The attention sequence holds every frame's tokens, sharded or not (the all-to-all restores them).
+        causal = BlockCausal(tuple(int(b) for b in block_ids), hw)
     if shard is not None:
         if hw % shard.world:
             raise ValueError(
@@ -87,15 +122,9 @@ def window_geometry(
         sl = slice(shard.rank * local, (shard.rank + 1) * local)
         cos = cos.view(1, frames, hw, 1, -1)[:, :, sl].reshape(1, frames * local, 1, -1)
         sin = sin.view(1, frames, hw, 1, -1)[:, :, sl].reshape(1, frames * local, 1, -1)
-        # After the all-to-all each rank sees the sequence rank-major: rank 0's tokens, then rank 1's, ...
-        order = (torch.arange(frames * local, device=device) // local).repeat(shard.world)
         hw = local
-    mask = None
-    if block_ids is not None:
-        blocks = torch.tensor(block_ids, device=device)[order]
-        mask = (blocks.unsqueeze(1) >= blocks.unsqueeze(0))[None, None]
     # The reference rotates with cos of the even and sin of the odd buffer entries; slice (and copy) them once.
-    return Geometry(cos[..., 0::2].contiguous(), sin[..., 1::2].contiguous(), mask, hw)
+    return Geometry(cos[..., 0::2].to(device).contiguous(), sin[..., 1::2].to(device).contiguous(), causal, hw)
 
 
 @dataclass(frozen=True)
@@ -126,7 +155,8 @@ def text_context(model, text: torch.Tensor) -> TextContext:
 
 
 def _rope(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    # Interleaved-pair rotation, computed in the rope buffers' precision exactly as the reference processor does.
+    # Interleaved-pair rotation, computed in the angles' fp32 (a bf16 x is promoted) exactly as the reference
+    # processor does with its fp32-kept rope buffers; only the result is cast back.
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.empty_like(x)
     out[..., 0::2] = x1 * c - x2 * s
@@ -134,7 +164,7 @@ def _rope(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return out.type_as(x)
 
 
-def _self_attention(attn, h, cos, sin, mask, shard: SequenceShard | None) -> torch.Tensor:
+def _self_attention(attn, h, cos, sin, causal: BlockCausal | None, frames: int, shard: SequenceShard | None):
     if getattr(attn, "fused_projections", False):
         q, k, v = attn.to_qkv(h).chunk(3, dim=-1)
     else:
@@ -144,14 +174,13 @@ def _self_attention(attn, h, cos, sin, mask, shard: SequenceShard | None) -> tor
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     attend = getattr(shard, "attention", None)
     if attend is not None:  # a shard with its own distributed attention kernel (ring attention)
-        o = attend(q, k, v, mask)
+        o = attend(q, k, v, causal)
     else:
         if shard is not None:
-            q, k, v = shard.heads_to_sequence(q, k, v)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        o = o.transpose(1, 2)
+            q, k, v = shard.heads_to_sequence(q, k, v, frames)
+        o = attention(q, k, v, causal)
         if shard is not None:
-            o = shard.sequence_to_heads(o)
+            o = shard.sequence_to_heads(o, frames)
     o = o.flatten(2, 3).type_as(q)
     return attn.to_out[1](attn.to_out[0](o))
 
@@ -165,7 +194,7 @@ def _cross_attention(attn, h, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Te
     return attn.to_out[1](attn.to_out[0](o))
 
 
-def _block(blk, x, ctx, kv, mod, cos, sin, mask, frames: int, shard) -> torch.Tensor:
+def _block(blk, x, ctx, kv, mod, cos, sin, causal, frames: int, shard) -> torch.Tensor:
     b, n, d = x.shape
     hw = n // frames
 
@@ -179,7 +208,7 @@ def _block(blk, x, ctx, kv, mod, cos, sin, mask, frames: int, shard) -> torch.Te
     shift, scale, gate, c_shift, c_scale, c_gate = (t.unsqueeze(2) for t in e.unbind(1))  # [B, F, 1, D]
 
     h = flat(per_frame(blk.norm1(x.float())) * (1 + scale) + shift).type_as(x)
-    a = _self_attention(blk.attn1, h, cos, sin, mask, shard)
+    a = _self_attention(blk.attn1, h, cos, sin, causal, frames, shard)
     x = flat(per_frame(x.float()) + per_frame(a) * gate).type_as(x)
 
     h = blk.norm2(x.float()).type_as(x)
@@ -218,7 +247,7 @@ def df_forward(
 ) -> torch.Tensor:
     """Velocity prediction for ``latents`` [B, C, F, H, W] at per-frame ``timesteps`` [B, F].
 
-    ``block_ids`` (one per latent frame) switches on the block-causal mask; ``shard`` runs this rank's slice of a
+    ``block_ids`` (one per latent frame) switches on block-causal attention; ``shard`` runs this rank's slice of a
     sequence-parallel group (each frame's tokens split evenly over the ranks) and returns the full output.
     ``geometry`` and a ``TextContext`` for ``text`` are what the window's earlier forwards already computed.
     ``block_cache(x, temb, run_blocks)`` stands in for the block stack (TeaCache: it may return ``x`` plus a
@@ -253,7 +282,7 @@ def df_forward(
 
     def run_blocks(x: torch.Tensor) -> torch.Tensor:
         for blk, kv in zip(model.blocks, text.kv):
-            x = block(blk, x, text.tokens, kv, mod, geometry.cos, geometry.sin, geometry.mask, frames, shard)
+            x = block(blk, x, text.tokens, kv, mod, geometry.cos, geometry.sin, geometry.causal, frames, shard)
         return x
 
     x = run_blocks(x) if block_cache is None else block_cache(x, temb, run_blocks)

@@ -9,9 +9,13 @@ node) and the CFG partner of a rank is ``sequence_degree`` ranks away::
 - **CFG parallel**: the two halves of the group compute the conditional (``cfg_idx`` 0) and unconditional
   (``cfg_idx`` 1) branch of the same step; partners swap their outputs once per step (one latent window, a few MB).
 - **Ulysses**: the ranks of a sequence group each hold an equal slice of every latent frame's tokens (see
-  ``engine.forward``); self-attention all-to-alls q/k/v so each rank sees the whole sequence for ``heads / U``
-  heads.  Everything else in a block is per token or per frame and needs no communication.
+  ``engine.forward``); self-attention all-to-alls q/k/v so each rank sees the whole sequence, in frame order,
+  for ``heads / U`` heads.  Everything else in a block is per token or per frame and needs no communication.
 - **Ring** (``ring > 1``) needs yunchang's long-context attention (installed with xfuser, CUDA only).
+
+Attention ``"auto"`` is our all-to-all + torch SDPA (flash on GPUs), the path the CPU suite proves equal to one
+rank.  yunchang/xfuser has not run on a GPU yet, so it is used only when asked for: ``attention="xfuser"``, or a
+ring degree above 1 (ring attention exists only there).  ``ParallelConfig.auto`` never picks a ring.
 
 Noise, the ``addnoise_condition`` noise and scheduler steps are identical on every rank without communication:
 the sampler draws every random number from one CPU generator seeded the same everywhere, and every rank ends a
@@ -31,6 +35,8 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+
+from skyray.engine.attention import BlockCausal, attention
 
 AttentionBackend = Literal["auto", "torch", "xfuser"]
 
@@ -64,8 +70,8 @@ class ParallelConfig:
     cfg: bool = False
     """Run the conditional and unconditional branches on two halves of the group (needs guidance)."""
     attention: AttentionBackend = "auto"
-    """Self-attention backend: "torch" all-to-all + SDPA, "xfuser" yunchang's long-context attention, or "auto"
-    (xfuser when it imports on a CUDA machine, torch otherwise)."""
+    """Self-attention backend: "torch" all-to-all + SDPA, "xfuser" yunchang's long-context attention (opt-in),
+    or "auto": torch, unless a ring degree above 1 asks for yunchang's ring attention."""
 
     @property
     def cfg_degree(self) -> int:
@@ -78,6 +84,11 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.cfg_degree * self.sequence_degree
+
+    @property
+    def attention_backend(self) -> Literal["torch", "xfuser"]:
+        """The self-attention a sequence group of this layout runs (see the module docstring)."""
+        return "xfuser" if self.attention == "xfuser" or self.ring > 1 else "torch"
 
     def describe(self) -> str:
         return f"cfg {self.cfg_degree} x ulysses {self.ulysses} x ring {self.ring}"
@@ -135,16 +146,22 @@ class ParallelConfig:
         """A sensible layout for ``world_size`` GPUs.
 
         CFG parallel first when there is guidance and the group is even (one small exchange per step, no
-        per-layer communication); then the largest Ulysses degree dividing both the head count and the remaining
-        ranks; whatever is left becomes ring attention (which needs xfuser, so ``validate`` may reject it, e.g.
-        16 GPUs for the 12-head 1.3B model without xfuser).
+        per-layer communication); then a Ulysses degree for the remaining ranks, which must divide the head
+        count.  It never chooses ring attention (yunchang/xfuser, not yet run on a GPU): a group that CFG and
+        Ulysses cannot fill, e.g. 16 GPUs for the 12-head 1.3B model, is an error naming the sizes that work.
         """
         if world_size < 1:
             raise ValueError(f"a GPU group needs at least one rank, got world size {world_size}")
         cfg = guidance and world_size % 2 == 0
         rest = world_size // (2 if cfg else 1)
-        ulysses = max(d for d in _divisors(rest) if heads % d == 0)
-        return cls(ulysses=ulysses, ring=rest // ulysses, cfg=cfg).validate(world_size, heads, guidance)
+        if heads % rest:
+            sizes = sorted({d * (2 if guidance else 1) for d in _divisors(heads)} | set(_divisors(heads)))
+            raise ValueError(
+                f"{world_size} GPUs per group cannot be split by CFG and Ulysses parallelism over the model's "
+                f"{heads} attention heads; use a group of {', '.join(map(str, sizes))} GPUs, or set a ring degree "
+                f"(parallel.ring: yunchang/xfuser ring attention, not yet run on a GPU)"
+            )
+        return cls(ulysses=rest, cfg=cfg).validate(world_size, heads, guidance)
 
 
 # ------------------------------------------------------------------------------------------------- sequence shards
@@ -153,8 +170,9 @@ class ParallelConfig:
 class UlyssesShard:
     """``engine.forward.SequenceShard`` over a torch.distributed group (gloo on CPU, NCCL on GPU).
 
-    Heads are split head-major (rank j attends with heads ``j*H/U .. (j+1)*H/U - 1``) and the gathered sequence
-    is rank-major, the order ``engine.forward`` builds its causal mask for.
+    Heads are split head-major (rank j attends with heads ``j*H/U .. (j+1)*H/U - 1``).  Rank j holds tokens
+    ``j*n/U .. (j+1)*n/U - 1`` of every frame; the gathered sequence puts them back in frame order (frame 0:
+    rank 0's tokens, rank 1's, ...; then frame 1), so causal blocks stay contiguous runs of frames.
     """
 
     def __init__(self, group: dist.ProcessGroup | None, world: int, rank: int) -> None:
@@ -162,8 +180,11 @@ class UlyssesShard:
         self.world = world
         self.rank = rank
 
-    def heads_to_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """3 x [B, n, H, d] local tokens, all heads -> 3 x [B, U*n, H/U, d] all tokens, this rank's heads."""
+    def heads_to_sequence(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int
+    ) -> tuple[torch.Tensor, ...]:
+        """3 x [B, n, H, d] local tokens of ``frames`` frames, all heads -> 3 x [B, U*n, H/U, d]: all tokens in
+        frame order, this rank's heads."""
         b, n, h, d = q.shape
         u = self.world
         if h % u:
@@ -172,19 +193,20 @@ class UlyssesShard:
         send = torch.stack([q, k, v]).view(3, b, n, u, h // u, d).permute(3, 0, 1, 2, 4, 5).contiguous()
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
-        # recv[j] = rank j's tokens for our heads; rank-major sequence.
-        out = recv.permute(1, 2, 0, 3, 4, 5).reshape(3, b, u * n, h // u, d)
-        return tuple(out.unbind(0))
+        # recv[j] = rank j's slice of every frame for our heads; interleave the slices back into frame order.
+        out = recv.view(u, 3, b, frames, n // frames, h // u, d).permute(1, 2, 3, 0, 4, 5, 6)
+        return tuple(out.reshape(3, b, u * n, h // u, d).unbind(0))
 
-    def sequence_to_heads(self, o: torch.Tensor) -> torch.Tensor:
-        """[B, U*n, H/U, d] -> [B, n, H, d] (the inverse all-to-all)."""
+    def sequence_to_heads(self, o: torch.Tensor, frames: int) -> torch.Tensor:
+        """[B, U*n, H/U, d] in frame order -> [B, n, H, d] local tokens (the inverse all-to-all)."""
         b, s, hu, d = o.shape
         u = self.world
-        send = o.view(b, u, s // u, hu, d).permute(1, 0, 2, 3, 4).contiguous()
+        local = s // (u * frames)
+        send = o.reshape(b, frames, u, local, hu, d).permute(2, 0, 1, 3, 4, 5).contiguous()
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
         # recv[j] = our tokens for rank j's heads: head group j sits at heads j*hu .. (j+1)*hu - 1.
-        return recv.permute(1, 2, 0, 3, 4).reshape(b, s // u, u * hu, d)
+        return recv.permute(1, 2, 3, 0, 4, 5).reshape(b, frames * local, u * hu, d)
 
     def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """[B, F, hw/U, C] -> [B, F, hw, C], rank r's slice at position r of each frame."""
@@ -196,9 +218,10 @@ class UlyssesShard:
 class XFuserShard(UlyssesShard):
     """Ulysses + Ring self-attention through yunchang's ``LongContextAttention`` (flash-attn kernels).
 
-    Not exercised by the test suite (it needs CUDA, flash-attn and xfuser/yunchang).  ``engine.forward`` calls
-    ``attention`` instead of its own all-to-all + SDPA when a shard has one.  yunchang has no arbitrary masks, so
-    the block-causal mask falls back to the torch all-to-all path (Ulysses only; ring + causal is refused).
+    Not exercised by the test suite (it needs CUDA, flash-attn and xfuser/yunchang), hence opt-in only.
+    ``engine.forward`` calls ``attention`` instead of its own all-to-all + SDPA when a shard has one.  yunchang has
+    no block-causal pattern, so block-causal attention falls back to the torch all-to-all path (Ulysses only;
+    ring + causal is refused).
     """
 
     def __init__(
@@ -223,18 +246,15 @@ class XFuserShard(UlyssesShard):
         PROCESS_GROUP.RING_PG = ring_group
         self._attn = LongContextAttention(ring_impl_type="basic")
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: BlockCausal | None) -> torch.Tensor:
         """[B, n, H, d] local q, k, v -> [B, n, H, d] attention output for the local tokens."""
-        if mask is not None:
+        if causal is not None:
             if self.ring > 1:
-                raise ValueError("the block-causal mask (causal_attention) is not supported with ring attention")
+                raise ValueError("block-causal attention (causal_attention) is not supported with ring attention")
             # With ring 1 the sequence group is the Ulysses group: the torch all-to-all path applies.
-            qs, ks, vs = self.heads_to_sequence(q, k, v)
-            o = torch.nn.functional.scaled_dot_product_attention(
-                qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=mask
-            )
-            return self.sequence_to_heads(o.transpose(1, 2))
-        # Without a mask attention is invariant to the order of the keys, so the rank-major layout is fine.
+            qs, ks, vs = self.heads_to_sequence(q, k, v, causal.frames)
+            return self.sequence_to_heads(attention(qs, ks, vs, causal), causal.frames)
+        # Full attention is invariant to the order of the keys, so yunchang's rank-major layout is fine.
         return self._attn(q, k, v, causal=False)
 
 
@@ -311,9 +331,7 @@ class GroupParallel:
 
         sequence: UlyssesShard | None = None
         if seq > 1:
-            use_xfuser = config.attention == "xfuser" or (
-                config.attention == "auto" and (r_deg > 1 or xfuser_status()[0])
-            )
+            use_xfuser = config.attention_backend == "xfuser"
             seq_group = ulysses_group = ring_group = None
             for c in range(config.cfg_degree):
                 base = c * seq

@@ -84,7 +84,8 @@ def run_forwards(transformer, shard=None) -> dict[str, torch.Tensor]:
 
 class GatherKVShard:
     """A shard that brings its own ``attention`` (the hook ring attention uses): all-gathers k and v instead of an
-    all-to-all, and attends with this rank's rows of the rank-major mask."""
+    all-to-all, and attends with a dense mask for this rank's queries over the rank-major keys (a test-only
+    reference: the engine itself never builds a mask)."""
 
     def __init__(self, world: int, rank: int) -> None:
         self.world, self.rank = world, rank
@@ -102,11 +103,16 @@ class GatherKVShard:
 
     sequence_to_heads = heads_to_sequence
 
-    def attention(self, q, k, v, mask):
+    def attention(self, q, k, v, causal):
         n = q.shape[1]
         k, v = self._gather(k, 1), self._gather(v, 1)
-        if mask is not None:
-            mask = mask[..., self.rank * n : (self.rank + 1) * n, :]
+        mask = None
+        if causal is not None:
+            local = n // causal.frames
+            ids = torch.tensor(causal.block_ids)
+            q_block = ids[torch.arange(n) // local]
+            k_block = ids[(torch.arange(self.world * n) % n) // local]
+            mask = (k_block.unsqueeze(0) <= q_block.unsqueeze(1))[None, None]
         o = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
         )
@@ -127,6 +133,7 @@ def _rank_main(rank: int, world: int, address: str, layouts: list[ParallelConfig
         for layout in layouts:
             par = GroupParallel.build(layout, HEADS, guidance=True, timeout_s=COLLECTIVE_TIMEOUT_S)
             key = layout.describe()
+            out[(key, "shard")] = type(par.sequence).__name__
             for case in CASES:
                 out[(key, case.name)] = run_case(tiny.transformer, tiny.scheduler_for(8.0), text, case, par)
             if par.sequence is not None:
@@ -179,7 +186,7 @@ def _references(tiny, text) -> dict:
 def _check(results: list[dict], ref: dict) -> dict[tuple[str, str], float]:
     diffs = {}
     for key, got in results[0].items():
-        if key[1] == "odd-tokens":
+        if key[1] in ("odd-tokens", "shard"):
             continue
         for r, other in enumerate(results[1:], start=1):
             assert torch.equal(got, other[key]), f"rank {r} differs from rank 0 for {key}"
@@ -215,6 +222,8 @@ def test_two_ranks_ulysses_and_cfg_match_single_process(tiny, tmp_path):
             assert (layout.describe(), case.name) in keys
     assert ("cfg 1 x ulysses 2 x ring 1", "forward-masked") in keys
     assert ("gather-kv hook", "forward-masked") in keys
+    # attention "auto" builds our all-to-all shard, never yunchang's.
+    assert results[0][("cfg 1 x ulysses 2 x ring 1", "shard")] == "UlyssesShard"
     msg = results[0][("cfg 1 x ulysses 2 x ring 1", "odd-tokens")]
     assert "sequence parallel degree 2 must divide the 3 tokens of each latent frame" in msg
 
@@ -276,9 +285,27 @@ def test_auto_layout(world, heads, guidance, expect):
     assert got.world_size == world
 
 
-def test_auto_needs_ring_attention_without_xfuser():
-    with pytest.raises(ValueError, match="ring degree 2 needs"):
-        ParallelConfig.auto(16, 12, True)  # cfg 2 x ulysses 4 leaves a ring of 2
+def test_auto_never_picks_ring_attention():
+    # cfg 2 x ulysses 8 does not divide 12 heads; a ring (yunchang/xfuser, never run on a GPU) is opt-in only.
+    with pytest.raises(ValueError, match="16 GPUs per group cannot be split") as err:
+        ParallelConfig.auto(16, 12, True)
+    assert "1, 2, 3, 4, 6, 8, 12, 24" in str(err.value) and "parallel.ring" in str(err.value)
+    with pytest.raises(ValueError, match="use a group of 1, 2, 4, 5, 8, 10, 20, 40 GPUs"):
+        ParallelConfig.auto(3, 40, False)
+
+
+@pytest.mark.parametrize(
+    "config, backend",
+    [
+        (ParallelConfig(), "torch"),
+        (ParallelConfig(ulysses=4, cfg=True), "torch"),  # auto: the all-to-all + SDPA path the suite proves
+        (ParallelConfig(ulysses=8, attention="torch"), "torch"),
+        (ParallelConfig(ulysses=2, attention="xfuser"), "xfuser"),  # explicit opt-in
+        (ParallelConfig(ulysses=2, ring=2), "xfuser"),  # ring attention exists only in yunchang
+    ],
+)
+def test_auto_attention_is_the_tested_torch_path(config, backend):
+    assert config.attention_backend == backend
 
 
 def test_single_rank_group_needs_no_process_group():
