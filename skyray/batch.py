@@ -41,7 +41,7 @@ def parse_requests(
             try:
                 req = json.loads(line)
             except RecursionError:  # the JSON decoder recurses per nesting level
-                raise ValueError(f"nested more than {limits.max_depth} levels deep") from None
+                raise ValueError(f"nested too deeply: more than {limits.max_depth} levels") from None
             if not isinstance(req, dict):
                 raise ValueError("a request must be a JSON object")
             unknown = sorted(set(req) - SHOT_FIELDS - set(SAMPLING_FIELDS) - {"id"})

@@ -425,7 +425,7 @@ def _check_bounds(data: dict, limits: InputLimits, lines: _Node | None, source: 
     while stack and len(issues) < _MAX_ISSUES:
         loc, value = stack.pop()
         if len(loc) + 1 > limits.max_depth:
-            message = f"nested more than {limits.max_depth} levels deep (a storyboard needs 5)"
+            message = f"nested too deeply: more than {limits.max_depth} levels (a storyboard needs 5)"
             raise StoryboardError([_issue(source, lines, loc, message, ids)])
         if isinstance(value, str):
             prompt = bool(loc) and (loc[-1] in PROMPT_FIELDS or (len(loc) > 1 and loc[-2] in PROMPT_FIELDS))
@@ -549,7 +549,7 @@ def read_storyboard(text: str, source_name: str = "<string>", limits: InputLimit
             detail = " ".join(p for p in (exc.context, exc.problem) if p)
             message = f"not valid YAML: {detail}"
             if "maximum nesting depth" in detail:  # libyaml's own limit, met before ours on long runs of brackets
-                message = f"nested more than {limits.max_depth} levels deep (a storyboard needs 5)"
+                message = f"nested too deeply: more than {limits.max_depth} levels (a storyboard needs 5)"
             raise StoryboardError([Issue(source_name, line, column, None, None, message)]) from None
         # Valid JSON that YAML rejects is JSON indented with tabs; JSON strings cannot hold a raw tab, so
         # spaces in their place change nothing but let YAML keep the line numbers.
@@ -677,7 +677,7 @@ class _LineLoader(_EventParser, yaml.composer.Composer, yaml.constructor.SafeCon
         key = index.value if isinstance(index, yaml.ScalarNode) else index
         depth = len(self._path) + 1
         if depth > limits.max_depth:
-            raise _Refused(mark, f"nested more than {limits.max_depth} levels deep (a storyboard needs 5)")
+            raise _Refused(mark, f"nested too deeply: more than {limits.max_depth} levels (a storyboard needs 5)")
         if depth == 3 and self._path[1] == "shots" and isinstance(key, int) and key >= limits.max_shots:
             raise _Refused(
                 mark,
@@ -705,7 +705,7 @@ class _LineLoader(_EventParser, yaml.composer.Composer, yaml.constructor.SafeCon
             if isinstance(node, yaml.ScalarNode) and node.tag in _NUMBER_TAGS and len(node.value) > MAX_NUMBER_CHARS:
                 raise _Refused(mark, f"a number of {len(node.value)} characters")
         if depth + height - 1 > limits.max_depth:
-            raise _Refused(mark, f"the alias nests more than {limits.max_depth} levels deep (a storyboard needs 5)")
+            raise _Refused(mark, f"nested too deeply: its YAML aliases reach more than {limits.max_depth} levels (a storyboard needs 5)")
         return node
 
     def _count(self, nodes: int, mark: Any) -> None:
@@ -713,8 +713,8 @@ class _LineLoader(_EventParser, yaml.composer.Composer, yaml.constructor.SafeCon
         if self._expanded > self.limits.max_nodes:
             raise _Refused(
                 mark,
-                f"the storyboard expands to more than {self.limits.max_nodes} YAML nodes (each "
-                "alias and merge key counts its target again); write it out with fewer aliases",
+                f"the storyboard expands to more than {self.limits.max_nodes} YAML nodes (its YAML aliases and "
+                "merge keys count their target again at each use); write it out with fewer aliases",
             )
 
     def _height(self, node: yaml.Node) -> int:

@@ -72,14 +72,14 @@ def test_recursive_alias_is_refused() -> None:
 @pytest.mark.parametrize("levels", [13, 300, 100_000])
 def test_deep_nesting_is_refused_with_its_line(levels: int) -> None:
     err = refused("title: deep\nshots:\n  - " + "[" * levels + "]" * levels + "\n")
-    assert err.startswith("film.yaml:3:") and "nested more than 12 levels deep" in err
+    assert err.startswith("film.yaml:3:") and "nested too deeply: more than 12 levels" in err
 
 
 def test_aliases_that_nest_deeper_than_the_limit_are_refused() -> None:
     # Each list is shallow as written, but an alias puts its target's whole depth where it stands.
     lines = ["title: deep", "d0: &d0 [x]"] + [f"d{i}: &d{i} [*d{i - 1}]" for i in range(1, 12)]
     err = refused("\n".join(lines) + "\nshots:\n  - id: a\n    frames: 9\n    prompt: *d11\n")
-    assert "nests more than 12 levels deep" in err
+    assert "nested too deeply: its YAML aliases reach more than 12 levels" in err
 
 
 def test_ten_thousand_shots_are_refused_at_the_first_one_over(tmp_path: Path) -> None:
@@ -120,7 +120,7 @@ def test_dicts_are_held_to_the_same_limits() -> None:
     deep: list = []
     for _ in range(10_000):
         deep = [deep]
-    with pytest.raises(StoryboardError, match=r"shot 'harbor' field 'prompt\[0\].*: nested more than 12 levels deep"):
+    with pytest.raises(StoryboardError, match=r"shot 'harbor' field 'prompt\[0\].*: nested too deeply: more than 12 levels"):
         storyboard_from_data({"title": "t", "shots": [dict(SHOT, prompt=deep)]}, ".")
     shared: list = ["lol"] * 40
     for _ in range(3):
@@ -129,7 +129,7 @@ def test_dicts_are_held_to_the_same_limits() -> None:
         storyboard_from_data({"title": "t", "shots": [dict(SHOT, prompt=shared)]}, ".")
     cyclic: dict = dict(SHOT)
     cyclic["teacache"] = cyclic
-    with pytest.raises(StoryboardError, match="nested more than 12 levels deep"):
+    with pytest.raises(StoryboardError, match="nested too deeply: more than 12 levels"):
         storyboard_from_data({"title": "t", "shots": [cyclic]}, ".")
     with pytest.raises(StoryboardError, match="shot 'harbor' field 'prompt': 1000000 characters"):
         storyboard_from_data({"title": "t", "shots": [dict(SHOT, prompt="x" * 1_000_000)]}, ".")
@@ -206,9 +206,9 @@ def test_batch_lines_are_bounded_one_by_one(tmp_path: Path) -> None:
     assert [v["line"] for v in valid] == [1]
     errors = {row["line"]: row["error"] for row in invalid}
     assert "shot 'shot' field 'prompt': 1000000 characters, over the limit of 4000" in errors[2]
-    assert "requests.jsonl:3: nested more than 12 levels deep" in errors[3]
+    assert "requests.jsonl:3: nested too deeply: more than 12 levels" in errors[3]
     assert "requests.jsonl:4: not UTF-8 text" in errors[4]
-    assert "nested more than 12 levels deep" in errors[5]
+    assert "nested too deeply: more than 12 levels" in errors[5]
 
 
 HOSTILE_FILES = {

@@ -17,8 +17,8 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import dataclasses
 import io
-import json
 import os
 import re
 import shutil
@@ -26,19 +26,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from skyray.plan import FilmPlan, compile_plan
 from skyray.serve.options import ServeOptions
 from skyray.serve.schema import SAMPLING_FIELDS, ShotRequest
 from skyray.serve.store import DONE, Job
-from skyray.storyboard import Storyboard, StoryboardError, parse_resolution, parse_storyboard, storyboard_from_data
+from skyray.storyboard import (
+    InputLimits,
+    RawStoryboard,
+    Storyboard,
+    StoryboardError,
+    parse_resolution,
+    read_storyboard,
+    storyboard_from_data,
+)
 
 FILE_FIELDS = ("image", "end_image", "video")
 IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 YAML_TYPES = ("application/x-yaml", "application/yaml", "text/yaml", "text/x-yaml")
 JSON_TYPES = ("application/json",)
-MAX_YAML_ALIASES = 64
+# A shot written out in full, prompt travel included, takes well under this many YAML nodes.
+NODES_PER_SHOT = 200
 
 
 class Rejected(Exception):
@@ -90,7 +97,11 @@ def admit_shot(req: ShotRequest, job_id: str, job_dir: Path, options: ServeOptio
         model = film["model"]
         rendered = {job_id}
 
-    sb = _resolve(film, inputs, f"shot request {job_id}")
+    # A continuation carries its parent's storyboard, which this server admitted already and which grows by a
+    # shot each time: only the new shot is held to the request limits (its prompt and what it renders).
+    limits = input_limits(options) if parent is None else dataclasses.replace(
+        InputLimits(), max_prompt_chars=options.max_prompt_chars)
+    sb = _resolve(film, inputs, f"shot request {job_id}", limits)
     _check_limits(sb, rendered, options)
     plan = _plan(sb)
     if parent is not None:
@@ -183,54 +194,34 @@ def _admit_film(body: bytes, content_type: str, job_id: str, job_dir: Path, opti
                             f"not {media or 'no content type'}")
     try:
         text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Rejected(422, "the storyboard is not UTF-8 text") from None
-    _check_aliases(text)
-    raw = _raw_data(text)
-    if isinstance(raw, dict):
-        _check_no_files(raw)
-        if "model" in raw:
-            if not isinstance(raw["model"], str):
-                raise Rejected(422, f"model: expected a string, got {type(raw['model']).__name__}")
-            _served_model(raw["model"], options)
-    inputs = job_dir / "inputs"
-    # First pass on the text itself, for line-numbered messages; the job keeps the parsed data.
+    except UnicodeDecodeError as exc:
+        raise Rejected(422, f"the storyboard is not UTF-8 text (byte {exc.start})") from None
+    limits = input_limits(options)
+    # Read once, within the limits (JSON is YAML too); errors carry the storyboard's line numbers.
     try:
-        parse_storyboard(text, inputs, source_name="storyboard")
+        raw = read_storyboard(text, "storyboard", limits)
     except StoryboardError as err:
         raise Rejected(422, str(err)) from None
-    assert isinstance(raw, dict)  # parse_storyboard rejects anything else
-    film = {**raw, "model": raw.get("model", options.default_model)}
-    sb = _resolve(film, inputs, "storyboard")
+    film = raw.data
+    if isinstance(film, dict):
+        _check_no_files(film)
+        if "model" in film:
+            if not isinstance(film["model"], str):
+                raise Rejected(422, f"model: expected a string, got {type(film['model']).__name__}")
+            _served_model(film["model"], options)
+        film = {**film, "model": film.get("model", options.default_model)}
+    inputs = job_dir / "inputs"
+    sb = _resolve(film, inputs, "storyboard", limits, raw)
     _check_limits(sb, {s.id for s in sb.shots}, options)
     plan = _plan(sb)
     return Admitted(job_id, "film", film["model"], film, "film.mp4", None,
                     sum(len(s.windows) for s in plan.shots), plan.frames)
 
 
-def _check_aliases(text: str) -> None:
-    """YAML aliases can nest into an exponentially large document ("billion laughs"); storyboards need few."""
-    if "*" not in text:
-        return
-    aliases = 0
-    try:
-        for token in yaml.scan(text):
-            if isinstance(token, yaml.AliasToken):
-                aliases += 1
-                if aliases > MAX_YAML_ALIASES:
-                    raise Rejected(422, f"the storyboard uses more than {MAX_YAML_ALIASES} YAML aliases")
-    except yaml.YAMLError:
-        return  # parse_storyboard reports it with a line number
-
-
-def _raw_data(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        try:
-            return json.loads(text)
-        except ValueError:
-            return None  # parse_storyboard reports it with a line number
+def input_limits(options: ServeOptions) -> InputLimits:
+    """What reading one request's storyboard may cost on this server."""
+    return InputLimits(max_bytes=options.max_body_bytes, max_shots=options.max_shots,
+                       max_nodes=NODES_PER_SHOT * (options.max_shots + 1), max_prompt_chars=options.max_prompt_chars)
 
 
 def _check_no_files(raw: dict) -> None:
@@ -258,9 +249,12 @@ def _served_model(model: str | None, options: ServeOptions) -> str:
     return model
 
 
-def _resolve(film: dict, base_dir: Path, source: str) -> Storyboard:
+def _resolve(film: Any, base_dir: Path, source: str, limits: InputLimits, raw: RawStoryboard | None = None,
+             ) -> Storyboard:
     try:
-        return storyboard_from_data(film, base_dir, source)
+        if raw is not None:
+            return raw.validate(base_dir, film, limits)
+        return storyboard_from_data(film, base_dir, source, limits=limits)
     except StoryboardError as err:
         raise Rejected(422, str(err)) from None
 

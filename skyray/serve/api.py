@@ -49,7 +49,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class Gate:
-    """ASGI middleware for ``/v1``: bearer auth first, then the body size limit (413), before any parsing."""
+    """ASGI middleware for ``/v1``: bearer auth first, then the body size limit (413) and UTF-8 for text bodies
+    (422), before any parsing."""
 
     def __init__(self, app, auth: TokenAuth, max_body_bytes: int) -> None:
         self.app, self.auth, self.max_body = app, auth, max_body_bytes
@@ -95,6 +96,8 @@ class Gate:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if _is_text(headers.get(b"content-type")) and not _utf8(body):
+            return await _send_json(send, 422, {"detail": "the request body is not UTF-8 text"})
         delivered = False
 
         async def replay():
@@ -105,6 +108,20 @@ class Gate:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _is_text(content_type: bytes | None) -> bool:
+    """JSON (also what FastAPI assumes without a content type), YAML and text: bodies that must be UTF-8."""
+    media = (content_type or b"").split(b";")[0].strip().lower().decode("latin-1")
+    return media in ("", *JSON_TYPES, *YAML_TYPES) or media.endswith("+json") or media.startswith("text/")
+
+
+def _utf8(body: bytes) -> bool:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 async def _send_json(send, status: int, data: dict, headers: dict[str, str] | None = None) -> None:
