@@ -69,9 +69,11 @@ def _progress(quiet: bool, total_windows: int, executor=None):
 
 
 def cmd_plan(args) -> int:
-    from skyray.plan import format_plan
+    from skyray.plan import fit_memory, format_plan
 
-    _, plan = _load_plan(args.storyboard)
+    sb, plan = _load_plan(args.storyboard)
+    _, _, layout = group_layout(args, sb, plan)
+    plan = fit_memory(sb, plan, layout, args.gpu_memory)
     print(format_plan(plan, mfu=args.mfu))
     return 0
 
@@ -80,11 +82,13 @@ def group_layout(args, storyboard, plan):
     """Groups, GPUs per group and the parallel layout, validated against the model before anything loads."""
     from skyray.engine.parallel import ParallelConfig
     from skyray.models import family_of
+    from skyray.plan import check_layout
 
     cluster = storyboard.cluster
     groups = args.groups or (cluster.groups if cluster else 1)
     gpus = args.gpus_per_group or (cluster.gpus_per_group if cluster else 1)
-    heads = family_of(storyboard.model).heads
+    family = family_of(storyboard.model)
+    heads = family.heads
     guidance = any(s.sampling.guided for s in plan.shots)
     p = storyboard.parallel
     if p is None or p.ulysses is None or p.cfg is None:
@@ -97,6 +101,7 @@ def group_layout(args, storyboard, plan):
         layout = ParallelConfig(ulysses=p.ulysses, ring=p.ring, cfg=p.cfg)
     try:
         layout.validate(gpus, heads, guidance)
+        check_layout(layout, family, storyboard.height, storyboard.width)
     except ValueError as err:
         raise SystemExit(f"error: parallel layout for {gpus} GPU(s) per group on model {storyboard.model!r}: {err}") from None
     return groups, gpus, layout
@@ -119,11 +124,17 @@ def make_executor(args, storyboard, plan):
 
 
 def cmd_render(args) -> int:
-    from skyray.plan import format_plan
+    from skyray.plan import fit_memory, format_plan
     from skyray.render import render_film
 
     sb, plan = _load_plan(args.storyboard)  # everything is validated before a model loads or a file is written
-    group_layout(args, sb, plan)
+    _, _, layout = group_layout(args, sb, plan)
+
+    def fit(sb, plan):  # per-GPU memory and the CFG mode that fits (the local executor: one device, decoding on it)
+        ray = args.executor == "ray"
+        return fit_memory(sb, plan, layout if ray else None, args.gpu_memory, decode_on_gpu=not ray or args.decode_gpu > 0)
+
+    plan = fit(sb, plan)
     if args.dry_run:
         print(format_plan(plan))
         return 0
@@ -131,6 +142,7 @@ def cmd_render(args) -> int:
     from skyray.enhance import enhance_before_render  # before the video model loads; frees its LLM after
 
     sb, plan = enhance_before_render(sb, plan, args.executor == "ray", args.address, args.quiet)
+    plan = fit(sb, plan)
     executor = make_executor(args, sb, plan)
     on_event, close = _progress(args.quiet, sum(len(s.windows) for s in plan.shots), executor)
     try:
@@ -191,12 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="torch device for the local executor (default: cuda if available)")
     r.add_argument("--save-latents", action="store_true", help="also write shots/<id>.safetensors")
     r.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    r.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU the memory check fits the film into")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_render)
 
     pl = sub.add_parser("plan", help="print the render plan of a storyboard")
     pl.add_argument("storyboard")
     pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for GPU-seconds")
+    pl.add_argument("--gpus-per-group", type=int, help="GPUs per group (default: the storyboard's cluster, or 1)")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU the memory check fits the film into")
+    pl.set_defaults(groups=None)
     pl.set_defaults(func=cmd_plan)
 
     b = sub.add_parser("batch", help="render many independent shot requests (JSON lines) with Ray Data")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from skyray import memory
 from skyray.engine import schedule
 from skyray.storyboard import Storyboard, video_prefix_latents
 
@@ -105,6 +106,12 @@ class ShotPlan:
         return self.first_prefix + self.new_latents
 
     @property
+    def last_window_latents(self) -> int:
+        """Latents of the last window a continuing shot can take its prefix from (prefix + new, no suffix)."""
+        last = self.windows[-1]
+        return last.prefix + last.new
+
+    @property
     def forwards(self) -> int:
         return sum(w.forwards for w in self.windows)
 
@@ -134,6 +141,7 @@ class FilmPlan:
     storyboard_hash: str
     family: str
     warnings: tuple[str, ...] = ()
+    memory: MemoryPlan | None = None  # per-rank GPU memory, from fit_memory
 
     def shot(self, id: str) -> ShotPlan:
         for s in self.shots:
@@ -156,6 +164,20 @@ class FilmPlan:
     @property
     def tflops(self) -> float:
         return sum(s.tflops for s in self.shots)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Predicted peak GPU memory of one rank for every shot (``skyray.memory``), within ``gpu_memory``."""
+
+    gpu_memory: int  # bytes per GPU
+    layout: memory.Layout
+    shots: tuple[tuple[str, memory.Estimate], ...]  # storyboard order, with the CFG mode each shot renders with
+    sequential_cfg: tuple[str, ...] = ()  # guided shots switched to sequential CFG because batch 2 would not fit
+
+    @property
+    def peak(self) -> tuple[str, memory.Estimate]:
+        return max(self.shots, key=lambda kv: kv[1].peak)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -184,13 +206,26 @@ def compile_plan(storyboard: Storyboard) -> FilmPlan:
     by_id = {s.id: s for s in shots}
     for s in shots:
         parent = by_id.get(s.continues) if s.continues else None
-        if parent is not None and s.handoff_latents > parent.total_latents:
+        if parent is not None and s.first_prefix > parent.total_latents:
             key = "continue" if sb.shots[s.index].continue_ else "continue_from"
             raise sb.error(
                 ("shots", s.index, key),
-                f"needs the last {s.handoff_latents} latents of '{parent.id}' (overlap_history "
+                f"needs the last {s.first_prefix} latents of '{parent.id}' (overlap_history "
                 f"{s.sampling.overlap_history}), but '{parent.id}' has only {parent.total_latents}; "
                 f"lengthen '{parent.id}' or lower this shot's overlap_history",
+            )
+        if parent is not None and s.first_prefix > parent.last_window_latents:
+            # The worker hands a child the tail of the parent's last window (its prefix and new latents), not of
+            # the whole shot: a longer need would be refused by the worker after every rank has loaded.
+            loc = sb.setting_loc(s.index, "overlap_history")
+            last = parent.windows[-1]
+            raise sb.error(
+                loc,
+                f"overlap_history {s.sampling.overlap_history} needs the last {s.first_prefix} latents of "
+                f"'{parent.id}', but its last window holds only {parent.last_window_latents} "
+                f"({last.prefix} prefix + {last.new} new); lower this shot's overlap_history to at most "
+                f"{schedule.video_frames(parent.last_window_latents)} frames or change the length of '{parent.id}' "
+                f"so that its last window is longer",
             )
     return FilmPlan(
         title=sb.title,
@@ -205,6 +240,105 @@ def compile_plan(storyboard: Storyboard) -> FilmPlan:
         family=family.name,
         warnings=sb.warnings,
     )
+
+
+def fit_memory(
+    storyboard: Storyboard,
+    plan: FilmPlan,
+    layout=None,
+    gpu_memory_gib: float = memory.DEFAULT_GPU_MEMORY_GIB,
+    decode_on_gpu: bool = True,
+) -> FilmPlan:
+    """``plan`` with each rank's predicted peak GPU memory, and the CFG mode every shot fits with.
+
+    ``layout`` is the group's ``ParallelConfig`` (anything with ``ulysses``, ``ring`` and ``cfg``; None: one GPU).
+    A guided shot whose batched-CFG forward (the default) would not fit in ``gpu_memory_gib`` runs its two
+    branches sequentially; one whose ``cfg_batch: true`` was written out is an error saying so, and a shot that
+    fits in neither mode is an error too, raised before anything loads.
+    """
+    from skyray.models import family_of
+
+    sb = storyboard
+    lay = memory.Layout(layout.ulysses, layout.ring, bool(layout.cfg)) if layout is not None else memory.Layout()
+    spec = memory.ModelSpec.of_model(sb.model, family_of(sb.model))
+    budget = int(gpu_memory_gib * memory.GiB)
+    shots, estimates, sequential = [], [], []
+    for s in plan.shots:
+        sp = s.sampling
+
+        def predict(cfg_batch: bool, s: ShotPlan = s, sp: Sampling = sp) -> memory.Estimate:
+            return memory.estimate(
+                spec, plan.height, plan.width, max(w.total for w in s.windows), lay, guided=sp.guided,
+                cfg_batch=cfg_batch, causal_block_size=sp.causal_block_size if sp.causal_attention else None,
+                decode_on_gpu=decode_on_gpu, offload=sp.offload,
+            )
+
+        est = predict(sp.cfg_batch)
+        if est.peak > budget and est.batch == 2:
+            alone = predict(False)
+            if _explicit(sb, s.index, "cfg_batch"):
+                raise sb.error(
+                    sb.setting_loc(s.index, "cfg_batch"),
+                    f"cfg_batch: true runs both CFG branches as one batch-2 forward, predicted at "
+                    f"{memory.human(est.peak)} per GPU, more than the {memory.human(budget)} available "
+                    f"(--gpu-memory); sequential CFG would need {memory.human(alone.peak)}: set cfg_batch: false, "
+                    "or leave it out to let the plan choose",
+                )
+            if alone.peak <= budget:
+                sp = replace(sp, cfg_batch=False)
+                sequential.append(s.id)
+            est = alone  # fitting or not, the smaller of the two is what the shot is measured by
+        if est.peak > budget:
+            weights_only = est.weights + est.runtime > budget
+            raise sb.error(
+                ("model",) if weights_only else sb.setting_loc(s.index, "base_num_frames"),
+                f"shot '{s.id}' cannot fit in {memory.human(budget)} per GPU (--gpu-memory) with "
+                f"{_describe_layout(lay)}: predicted {memory.describe(est)}; "
+                + (
+                    "the weights alone do not fit: use GPUs with more memory"
+                    if weights_only
+                    else "use more GPUs per group (ulysses splits the activations), shorter windows "
+                    "(base_num_frames), offload: true, or GPUs with more memory"
+                ),
+            )
+        shots.append(replace(s, sampling=sp) if sp is not s.sampling else s)
+        estimates.append((s.id, est))
+    mem = MemoryPlan(budget, lay, tuple(estimates), tuple(sequential))
+    return replace(plan, shots=tuple(shots), memory=mem)
+
+
+def _explicit(sb: Storyboard, i: int, name: str) -> bool:
+    """Whether the storyboard wrote ``name`` out (on the shot or in defaults) rather than taking the default."""
+    return getattr(sb.shots[i], name) is not None or name in sb.defaults.model_fields_set
+
+
+def _describe_layout(lay: memory.Layout) -> str:
+    return f"cfg {2 if lay.cfg else 1} x ulysses {lay.ulysses} x ring {lay.ring}"
+
+
+def check_layout(layout, family: ModelFamily, height: int, width: int) -> None:
+    """Raise ``ValueError`` when a parallel layout cannot split this model at this film size.
+
+    ``layout`` has ``ulysses`` and ``ring`` degrees (an ``engine.parallel.ParallelConfig``).  Ulysses splits the
+    attention heads, so its degree must divide them; Ulysses x ring splits every latent frame's tokens, so their
+    product must divide the tokens per frame.  Checked before any rank loads a model: otherwise the first forward
+    (``engine.forward.window_geometry``) fails after every rank has loaded.
+    """
+    if family.heads % layout.ulysses:
+        choices = ", ".join(str(d) for d in range(1, family.heads + 1) if family.heads % d == 0)
+        raise ValueError(
+            f"ulysses degree {layout.ulysses} must divide the {family.heads} attention heads of the {family.name} "
+            f"model (choose one of {choices})"
+        )
+    tokens = schedule.window_tokens(1, height, width)
+    degree = layout.ulysses * layout.ring
+    if tokens % degree:
+        fits = [d for d in range(1, degree + 1) if tokens % d == 0 and family.heads % d == 0]
+        raise ValueError(
+            f"sequence parallel degree {degree} (ulysses {layout.ulysses} x ring {layout.ring}) must divide the "
+            f"{tokens} tokens of each latent frame at {width}x{height}; choose a degree dividing {tokens} "
+            f"(ulysses {fits[-1]} fits here) or another resolution"
+        )
 
 
 def _sampling(sb: Storyboard, i: int) -> Sampling:
@@ -337,6 +471,10 @@ def format_plan(plan: FilmPlan, mfu: float = 0.4, peak_tflops: float = 989.0) ->
             notes.append(f"{len(s.prompts)} prompts")
         layout = " ".join(f"[{w.prefix}+{w.new}" + (f"+{w.suffix}]" if w.suffix else "]") for w in s.windows)
         notes.append(f"latents {layout}")
+        if s.sampling.guided and plan.memory is not None:
+            auto = " (auto: batch 2 would not fit)" if s.id in plan.memory.sequential_cfg else ""
+            mode = "parallel" if plan.memory.layout.cfg else "batched" if s.sampling.cfg_batch else "sequential"
+            notes.append(f"CFG {mode}{auto}")
         rows.append(
             (
                 s.id,
@@ -374,6 +512,13 @@ def format_plan(plan: FilmPlan, mfu: float = 0.4, peak_tflops: float = 989.0) ->
             out.append(f"chain {c.index}: " + " -> ".join(c.shot_ids))
         else:
             out.append(f"chain {c.index}: {c.shot_ids[0]}; " + ", ".join(f"{p} -> {i}" for p, i in edges))
+    if plan.memory is not None:
+        m = plan.memory
+        shot, est = m.peak
+        out.append(
+            f"memory per GPU ({_describe_layout(m.layout)}, {memory.human(m.gpu_memory)} each): peak "
+            f"{memory.describe(est)} in shot '{shot}'"
+        )
     out.append(f"storyboard {plan.storyboard_hash[:12]}")
     out.extend(f"warning: {w}" for w in plan.warnings)
     return "\n".join(out)
