@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import html
+import logging
 import re
 from dataclasses import dataclass
 
 import torch
 
 MAX_TEXT_TOKENS = 512
+log = logging.getLogger("skyray.engine")
 
 
 def clean_prompt(text: str) -> str:
@@ -56,19 +58,34 @@ def encode(tokenizer, text_encoder, prompts: list[str], max_len: int = MAX_TEXT_
     return out
 
 
+def token_count(tokenizer, prompt: str) -> int:
+    """Tokens of ``prompt`` as the encoder would read them before truncation (end-of-text token included)."""
+    ids = tokenizer(clean_prompt(prompt), add_special_tokens=True, truncation=False, verbose=False).input_ids
+    return len(ids)
+
+
 class PromptCache:
-    """Encodes each distinct prompt once per render (prompt travel and CFG reuse the same strings)."""
+    """Encodes each distinct prompt once per render (prompt travel and CFG reuse the same strings).
+
+    ``truncated`` maps every prompt the encoder cut to its full token count (the plan warns from an estimate;
+    only the loaded tokenizer knows)."""
 
     def __init__(self, tokenizer, text_encoder) -> None:
         self._tokenizer = tokenizer
         self._encoder = text_encoder
         self._cache: dict[str, torch.Tensor] = {}
+        self.truncated: dict[str, int] = {}
 
     def __contains__(self, prompt: str) -> bool:
         return prompt in self._cache
 
     def get(self, prompt: str) -> torch.Tensor:
         if prompt not in self._cache:
+            tokens = token_count(self._tokenizer, prompt)
+            if tokens > MAX_TEXT_TOKENS:
+                self.truncated[prompt] = tokens
+                log.warning("a prompt of %d tokens is cut to the text encoder's %d: %.80r", tokens, MAX_TEXT_TOKENS,
+                            prompt)
             self._cache[prompt] = encode(self._tokenizer, self._encoder, [prompt])
         return self._cache[prompt]
 
