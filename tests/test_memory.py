@@ -1,0 +1,111 @@
+"""The memory model against the real modules: exact weight counts, and activation peaks measured on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from skyray import memory
+from skyray.models import FAMILIES
+
+
+def peak_allocated(fn) -> int:
+    """Peak bytes torch's CPU allocator holds while ``fn`` runs, above what it held before (allocation events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def _transformer(spec: memory.ModelSpec, layers: int | None = None, device: str = "meta"):
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    with torch.device(device):
+        return SkyReelsV2Transformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=spec.heads, attention_head_dim=spec.head_dim, in_channels=16,
+            out_channels=16, text_dim=spec.text_dim, freq_dim=spec.freq_dim, ffn_dim=spec.ffn_dim,
+            num_layers=layers or spec.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=1024, inject_sample_info=True,
+        ).eval().requires_grad_(False)
+
+
+def _split(model) -> tuple[int, int]:
+    keep = tuple(model._keep_in_fp32_modules)
+    fp32 = sum(p.numel() for n, p in model.named_parameters() if any(k in n.split(".") for k in keep))
+    return sum(p.numel() for p in model.parameters()) - fp32, fp32
+
+
+@pytest.mark.parametrize("name", ["1.3B", "14B"])
+def test_transformer_weights_are_counted_exactly(name: str) -> None:
+    spec = memory.ModelSpec.of(FAMILIES[name])
+    assert spec.transformer_params() == _split(_transformer(spec))
+
+
+def test_text_encoder_and_vae_weights_are_counted_exactly(tiny) -> None:
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    x = memory.UMT5_XXL
+    with torch.device("meta"):
+        t5 = UMT5EncoderModel(UMT5Config(
+            vocab_size=x.vocab, d_model=x.d_model, d_kv=x.d_kv, d_ff=x.d_ff, num_layers=x.layers, num_heads=x.heads,
+            relative_attention_num_buckets=x.buckets, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+        ))
+        vae = AutoencoderKLWan()
+    assert sum(p.numel() for p in t5.parameters()) == x.params == 5_680_910_336
+    assert sum(p.numel() for p in vae.parameters()) == memory.WAN_VAE_PARAMS
+    spec = memory.ModelSpec.of(FAMILIES["tiny"])
+    assert spec.transformer_params() == _split(tiny.transformer)
+    assert spec.text_encoder.params == sum(p.numel() for p in tiny.text_encoder.parameters())
+    assert spec.vae_params == sum(p.numel() for p in tiny.vae.parameters())
+
+
+def _cast_like_cuda(model) -> None:
+    # What models.load does for CUDA: bf16 except diffusers' _keep_in_fp32_modules.
+    keep = tuple(model._keep_in_fp32_modules)
+    for name, module in model.named_modules():
+        if name and not any(k in name.split(".") for k in keep) and not list(module.children()):
+            module.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "heads, ffn_dim",
+    [(12, 8960), (10, 3456)],  # 1.3B widths (FFN-bound); 14B's ffn/dim ratio at a quarter width (attention-bound)
+    ids=["1.3B", "14B-ratio"],
+)
+def test_activation_peak_matches_a_measured_forward(heads: int, ffn_dim: int) -> None:
+    from skyray.engine.forward import df_forward, text_context, window_geometry
+
+    spec = memory.ModelSpec("m", heads=heads, head_dim=128, layers=2, ffn_dim=ffn_dim)
+    torch.manual_seed(0)
+    model = _transformer(spec, layers=2, device="cpu")
+    _cast_like_cuda(model)
+    batch, frames, side = 2, 3, 32  # 3 latents of 16x16 tokens: 768 tokens, batched CFG
+    x = torch.randn(batch, 16, frames, side, side).bfloat16()
+    t = torch.full((batch, frames), 500, dtype=torch.long)
+    with torch.no_grad():
+        ctx = text_context(model, torch.randn(batch, 512, spec.text_dim).bfloat16())
+        geometry = window_geometry(model, tuple(x.shape), x.device)
+        measured = peak_allocated(lambda: df_forward(model, x, t, ctx, 24, geometry=geometry))
+    predicted = memory.estimate(spec, side * 8, side * 8, frames, guided=True, cfg_batch=True).activations
+    assert predicted == pytest.approx(measured, rel=0.1), (predicted, measured)
+
+
+def test_sequential_cfg_halves_activations_and_ulysses_splits_them() -> None:
+    spec = memory.ModelSpec.of(FAMILIES["14B"])
+    batched = memory.estimate(spec, 720, 1280, 31, cfg_batch=True)
+    alone = memory.estimate(spec, 720, 1280, 31, cfg_batch=False)
+    split = memory.estimate(spec, 720, 1280, 31, memory.Layout(ulysses=8), cfg_batch=True)
+    parallel = memory.estimate(spec, 720, 1280, 31, memory.Layout(ulysses=4, cfg=True), cfg_batch=True)
+    assert batched.tokens == 111_600 and (batched.batch, alone.batch, parallel.batch) == (2, 1, 1)
+    assert batched.activations == 2 * alone.activations
+    assert split.activations < batched.activations / 8 * 1.3  # Ulysses adds the all-to-all buffers
+    assert parallel.text_cache * 2 == alone.text_cache  # a CFG-parallel rank holds its branch's text only
+    assert memory.estimate(spec, 720, 1280, 31, causal_block_size=5).attention > 0
