@@ -33,6 +33,14 @@ SERVICE_NAME = "skyray-http"
 MODEL_CACHE_CLAIM = "skyray-model-cache"
 OUTPUT_CLAIM = "skyray-output"
 API_TOKEN_SECRET = "skyray-api-token"
+DATABASE_KEY = "url"  # the DSN's key in the database Secret (database_secret)
+POSTGRES_PASSWORD_KEY = "password"  # the in-cluster PostgreSQL's password, in the same Secret
+# Optional: object-store credentials as env vars (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL ...)
+# read by pyarrow.fs in every Ray pod; absent on clusters whose pods get cloud identity another way.
+OBJECT_STORE_SECRET = "skyray-object-store"
+POSTGRES_NAME = "skyray-postgres"
+POSTGRES_IMAGE = "postgres:16"
+POSTGRES_PORT = 5432
 FILM_CONFIGMAP = "skyray-film"
 
 # Paths inside the image (cluster/Dockerfile): the repo at /app, HF_HOME=/models/hf on the model-cache volume.
@@ -77,6 +85,14 @@ class ClusterSettings(BaseModel):
     model_cache_size: str = Field(pattern=r"^\d+(Ki|Mi|Gi|Ti)$")
     serve_model: str = "Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers"
     """The model the RayService renders with (downloaded into HF_HOME on first use)."""
+    ingress_replicas: PositiveInt = Field(description="Serve Ingress replicas, sharing the job database")
+    database_secret: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                                 description="Secret whose key `url` is the job database's PostgreSQL DSN")
+    postgres_in_cluster: bool = Field(description="apply cluster/postgres.yaml (a one-pod PostgreSQL for trials)")
+    postgres_storage_class: str | None = Field(description="ReadWriteOnce class of its volume; null: default")
+    postgres_size: str = Field(pattern=r"^\d+(Ki|Mi|Gi|Ti)$")
+    outputs_uri: str = Field(pattern=r"^[a-z][a-z0-9+.-]*://.+", description="object-store URI films go to")
+    serve_job_ttl_seconds: NonNegativeInt = Field(description="finished Serve jobs are deleted after this (0: kept)")
     output_size: str = Field(pattern=r"^\d+(Ki|Mi|Gi|Ti)$")
     job_ttl_seconds: NonNegativeInt = Field(description="keep a finished RayJob's cluster this long (logs)")
     film_deadline_seconds: PositiveInt = Field(description="the longest a film may take (RayJob, Serve replica)")
@@ -140,11 +156,15 @@ def _volumes(shm_gib: float, *, storyboards: bool) -> tuple[list[dict], list[dic
     return volumes, mounts
 
 
-def _env(api_token: bool) -> list[dict]:
-    if not api_token:
+def _env(s: ClusterSettings, serve: bool) -> list[dict]:
+    if not serve:
         return []
-    ref = {"secretKeyRef": {"name": API_TOKEN_SECRET, "key": "token"}}
-    return [{"name": "SKYRAY_API_TOKEN", "valueFrom": ref}]
+    # The Serve app's replicas (ingress and renderers, on any pod) read both when the app is built and started.
+    return [
+        {"name": "SKYRAY_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": API_TOKEN_SECRET, "key": "token"}}},
+        {"name": "SKYRAY_DATABASE_URL",
+         "valueFrom": {"secretKeyRef": {"name": s.database_secret, "key": DATABASE_KEY}}},
+    ]
 
 
 def _pod_template(
@@ -174,8 +194,9 @@ def _pod_template(
         "resources": resources,
         "volumeMounts": mounts,
     }
-    if env := _env(api_token):
+    if env := _env(s, api_token):
         ray_container["env"] = env
+    ray_container["envFrom"] = [{"secretRef": {"name": OBJECT_STORE_SECRET, "optional": True}}]
     if ports:
         ray_container["ports"] = ports
     spec: dict[str, Any] = {
@@ -286,7 +307,8 @@ def raycluster(s: ClusterSettings) -> dict:
 
 def film_entrypoint(s: ClusterSettings) -> str:
     return (
-        f"python {APP_DIR}/render.py {STORYBOARD_DIR}/film.yaml --out {OUTPUT_DIR}/{RAYJOB_NAME} --address auto"
+        f"python {APP_DIR}/render.py {STORYBOARD_DIR}/film.yaml --out {s.outputs_uri.rstrip('/')}/{RAYJOB_NAME}"
+        " --address auto"
         f" --executor ray --groups {s.job_groups} --gpus-per-group {s.gpus_per_group}"
     )
 
@@ -327,11 +349,14 @@ def serve_config(s: ClusterSettings) -> dict:
                 "name": "skyray",
                 "route_prefix": "/",
                 "import_path": SERVE_IMPORT_PATH,
-                # The app's settings (skyray.serve.options): jobs and outputs on the shared output volume.
+                # The app's settings (skyray.serve.options): the job database from the Secret (SKYRAY_DATABASE_URL
+                # in the pods' env; never SQLite on the shared volume), job files on the shared output volume.
                 "runtime_env": {
                     "env_vars": {
                         "SKYRAY_MODEL": s.serve_model,
                         "SKYRAY_DATA_DIR": f"{OUTPUT_DIR}/serve",
+                        "SKYRAY_INGRESS_REPLICAS": str(s.ingress_replicas),
+                        "SKYRAY_JOB_TTL_S": str(s.serve_job_ttl_seconds),
                         "SKYRAY_GPUS_PER_REPLICA": str(s.gpus_per_group),
                         "SKYRAY_MAX_REPLICAS": str(s.max_groups),
                         "SKYRAY_MIN_REPLICAS": str(s.min_groups),
@@ -339,7 +364,7 @@ def serve_config(s: ClusterSettings) -> dict:
                 },
                 "deployments": [
                     # No CPU asked: the Ingress fits on the num-cpus-0 head, so no GPU pod starts just to host it.
-                    {"name": "Ingress", "ray_actor_options": {"num_cpus": 0}},
+                    {"name": "Ingress", "num_replicas": s.ingress_replicas, "ray_actor_options": {"num_cpus": 0}},
                     {
                         "name": "Renderer",
                         # A film takes minutes to hours: one at a time per group, one more group per waiting film.
@@ -406,6 +431,57 @@ def storage(s: ClusterSettings) -> list[dict]:
     return [_claim(s, MODEL_CACHE_CLAIM, s.model_cache_size), _claim(s, OUTPUT_CLAIM, s.output_size)]
 
 
+def postgres(s: ClusterSettings) -> list[dict]:
+    """A one-pod PostgreSQL for trials (production: a managed database, its DSN in the Secret).  Its data lives
+    on a ReadWriteOnce volume of its own, not on the shared filesystem.  It reads its password from the same
+    Secret as the DSN, so both are created together (cluster/README.md)."""
+    labels = _labels("database")
+    claim: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": s.postgres_size}}}
+    if s.postgres_storage_class:
+        claim["storageClassName"] = s.postgres_storage_class
+    secret = {"secretKeyRef": {"name": s.database_secret, "key": POSTGRES_PASSWORD_KEY}}
+    container = {
+        "name": "postgres",
+        "image": POSTGRES_IMAGE,
+        "ports": [{"name": "postgres", "containerPort": POSTGRES_PORT}],
+        "env": [
+            {"name": "POSTGRES_USER", "value": "skyray"},
+            {"name": "POSTGRES_DB", "value": "skyray"},
+            {"name": "POSTGRES_PASSWORD", "valueFrom": secret},
+            {"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"},  # a subfolder: the volume root has lost+found
+        ],
+        "readinessProbe": {"exec": {"command": ["pg_isready", "-U", "skyray", "-d", "skyray"]},
+                           "periodSeconds": 5},
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
+    }
+    statefulset = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _metadata(POSTGRES_NAME, "database"),
+        "spec": {
+            "serviceName": POSTGRES_NAME,
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
+            "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": claim}],
+        },
+    }
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(POSTGRES_NAME, "database"),
+        "spec": {"type": "ClusterIP", "selector": labels,
+                 "ports": [{"name": "postgres", "port": POSTGRES_PORT, "targetPort": POSTGRES_PORT, "protocol": "TCP"}]},
+    }
+    return [statefulset, svc]
+
+
+def trial_dsn(password: str = "<password>") -> str:
+    """The DSN of the in-cluster PostgreSQL (what goes under `url` in the database Secret)."""
+    return f"postgresql://skyray:{password}@{POSTGRES_NAME}:{POSTGRES_PORT}/skyray"
+
+
 # The RayJob is not a kustomize resource: it is one film, created per storyboard after its ConfigMap.
 KUSTOMIZE_RESOURCES = ["storage.yaml", "raycluster.yaml", "rayservice.yaml", "service.yaml"]
 
@@ -414,7 +490,7 @@ def kustomization(s: ClusterSettings) -> dict:
     return {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
-        "resources": list(KUSTOMIZE_RESOURCES),
+        "resources": list(KUSTOMIZE_RESOURCES) + (["postgres.yaml"] if s.postgres_in_cluster else []),
         # kustomize rewrites every image under a `containers` list, custom resources' pod templates included.
         "images": [{"name": s.image, "newName": s.image, "newTag": s.tag}],
     }
@@ -433,6 +509,7 @@ def render_settings(s: ClusterSettings) -> dict[str, list[dict]]:
         "rayjob.yaml": [rayjob(s)],
         "rayservice.yaml": [rayservice(s)],
         "service.yaml": [service(s)],
+        "postgres.yaml": postgres(s),
         "kustomization.yaml": [kustomization(s)],
     }
 

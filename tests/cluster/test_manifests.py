@@ -384,7 +384,8 @@ def test_rayjob_entrypoint_matches_the_image_layout(by_kind: dict[str, list[dict
     # The entrypoint is the driver and runs on the head: the storyboard comes from the ConfigMap mounted there.
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]
     assert mounted_volume(head, storyboard) == {"name": "storyboards", "configMap": {"name": "skyray-film"}}
-    assert "persistentVolumeClaim" in (mounted_volume(head, flags["--out"]) or {}), "output is not on a volume"
+    assert flags["--out"].startswith(values["outputs_uri"].rstrip("/") + "/"), "films go to the object store"
+    assert mounted_volume(head, flags["--out"]) is None
     assert flags["--address"] == "auto" and flags["--executor"] == "ray"
 
     k, groups = int(flags["--gpus-per-group"]), int(flags["--groups"])
@@ -458,8 +459,66 @@ def test_api_token_comes_from_the_secret(by_kind: dict[str, list[dict]]) -> None
             assert not (env["name"] == "SKYRAY_API_TOKEN" and "value" in env), f"{where}: token in plain text"
 
 
+def test_job_database_is_postgres_from_a_secret_never_sqlite_on_the_volume(
+    by_kind: dict[str, list[dict]], values: dict, monkeypatch
+) -> None:
+    want = {"name": "SKYRAY_DATABASE_URL",
+            "valueFrom": {"secretKeyRef": {"name": values["database_secret"], "key": "url"}}}
+    service_cluster = by_kind["RayService"][0]["spec"]["rayClusterConfig"]
+    for group, template in pod_templates(service_cluster):
+        for c in template["spec"]["containers"]:
+            assert want in c.get("env", []), f"RayService/{group}/{c['name']}"
+    for where, c in containers(by_kind):
+        for env in c.get("env", []):
+            assert env["name"] != "SKYRAY_DATABASE_URL" or "value" not in env, f"{where}: DSN in plain text"
+    config = serve_config(by_kind)
+    (app,) = config["applications"]
+    env = app["runtime_env"]["env_vars"]
+    assert "SKYRAY_JOB_DB" not in env
+    # What the replicas build from that env (plus the Secret's DSN): the store is the DSN, not a file.
+    from skyray.serve.options import ServeOptions
+
+    opts = ServeOptions.from_env({**env, "SKYRAY_DATABASE_URL": "postgresql://u:p@db:5432/skyray",
+                                  "SKYRAY_API_TOKEN": "x" * 20})
+    assert opts.store_target == "postgresql://u:p@db:5432/skyray"
+    assert opts.ingress_replicas == values["ingress_replicas"] == deployment(config, "Ingress")["num_replicas"] >= 2
+    assert opts.job_ttl_s == values["serve_job_ttl_seconds"]
+
+
+def test_trial_postgres_on_its_own_volume(committed: dict[str, list[dict]], crd_schemas: dict[str, dict],
+                                          crd_validators: dict[str, Callable], values: dict) -> None:
+    from tests.cluster.conftest import make_validator, subschema
+
+    statefulset, svc = committed["postgres.yaml"]
+    assert (statefulset["apiVersion"], statefulset["kind"]) == ("apps/v1", "StatefulSet")
+    spec = statefulset["spec"]
+    pod_template = make_validator(subschema(crd_schemas["RayCluster"], "spec.headGroupSpec.template"))
+    assert pod_template(spec["template"]) == []
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    (claim,) = spec["volumeClaimTemplates"]
+    assert crd_validators["PersistentVolumeClaimSpec"](claim["spec"]) == []
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"], "the database is not on the shared filesystem"
+    (pg,) = spec["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in pg["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": values["database_secret"],
+                                                                     "key": "password"}
+    assert crd_validators["Service"](svc) == [] and svc["spec"]["selector"] == spec["selector"]["matchLabels"]
+    dsn = cluster.trial_dsn("pw")
+    assert f"@{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}/{env['POSTGRES_DB']['value']}" in dsn
+    assert dsn.startswith(f"postgresql://{env['POSTGRES_USER']['value']}:pw@")
+    (kustomization,) = committed["kustomization.yaml"]
+    assert ("postgres.yaml" in kustomization["resources"]) == values["postgres_in_cluster"]
+    with_db = cluster.render_manifests({"postgres_in_cluster": True})
+    assert "postgres.yaml" in with_db["kustomization.yaml"][0]["resources"]
+
+
+def test_pods_may_take_object_store_credentials_from_a_secret(by_kind: dict[str, list[dict]]) -> None:
+    for where, c in containers(by_kind):
+        assert {"secretRef": {"name": "skyray-object-store", "optional": True}} in c["envFrom"], where
+
+
 def test_service_reaches_the_serve_proxy(by_kind: dict[str, list[dict]]) -> None:
-    (svc,) = by_kind["Service"]
+    (svc,) = [s for s in by_kind["Service"] if s["metadata"]["name"] == cluster.SERVICE_NAME]
     assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(8000, 8000)]
     selector = dict(svc["spec"]["selector"])
     assert selector.pop("ray.io/serve") == "true"  # KubeRay's label for pods whose Serve proxy is healthy
