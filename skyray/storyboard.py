@@ -644,6 +644,7 @@ except ImportError:  # pragma: no cover - PyYAML built without libyaml
 
 
 _NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class _LineLoader(_EventParser, yaml.composer.Composer, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
@@ -704,8 +705,14 @@ class _LineLoader(_EventParser, yaml.composer.Composer, yaml.constructor.SafeCon
             self._measured[id(node)] = (size, height)
             if isinstance(node, yaml.ScalarNode) and node.tag in _NUMBER_TAGS and len(node.value) > MAX_NUMBER_CHARS:
                 raise _Refused(mark, f"a number of {len(node.value)} characters")
-        if depth + height - 1 > limits.max_depth:
-            raise _Refused(mark, f"nested too deeply: its YAML aliases reach more than {limits.max_depth} levels (a storyboard needs 5)")
+        # A merged mapping's pairs are spliced into the mapping that merges it: only that mapping's height (see
+        # _height) says how deep they reach.
+        merged = key == "<<" or (isinstance(key, int) and self._path[-1:] == ["<<"])
+        if depth + height - 1 > limits.max_depth and not merged:
+            raise _Refused(
+                mark,
+                f"nested too deeply: its YAML aliases reach more than {limits.max_depth} levels (a storyboard needs 5)",
+            )
         return node
 
     def _count(self, nodes: int, mark: Any) -> None:
@@ -718,18 +725,24 @@ class _LineLoader(_EventParser, yaml.composer.Composer, yaml.constructor.SafeCon
             )
 
     def _height(self, node: yaml.Node) -> int:
+        """Levels of ``node`` once aliases are expanded and merge keys applied."""
         if isinstance(node, yaml.SequenceNode):
-            children = node.value
-        elif isinstance(node, yaml.MappingNode):
-            children = [n for pair in node.value for n in pair]
-        else:
+            return 1 + max((self._measured[id(c)][1] for c in node.value), default=0)
+        if not isinstance(node, yaml.MappingNode):
             return 1
-        return 1 + max((self._measured[id(c)][1] for c in children), default=0)
+        tallest = 0
+        for key, value in node.value:
+            if key.tag == _MERGE_TAG:  # the merged mappings' pairs become this mapping's own
+                merged = value.value if isinstance(value, yaml.SequenceNode) else [value]
+                tallest = max([tallest, *(self._measured[id(m)][1] - 1 for m in merged)])
+            else:
+                tallest = max(tallest, self._measured[id(key)][1], self._measured[id(value)][1])
+        return 1 + tallest
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[str, int] = {}
         for key, _ in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+            if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
                 if key.value in seen:
                     self.duplicates.append(
                         (key.value, seen[key.value], key.start_mark.line + 1, key.start_mark.column + 1)

@@ -20,10 +20,11 @@ def alias_bomb(levels: int = 20, width: int = 3) -> str:
     return "\n".join(lines) + "\nshots:\n  - id: harbor\n    frames: 9\n    prompt: *a" + str(levels) + "\n"
 
 
-def merge_bomb(levels: int = 4, width: int = 16) -> str:
-    """Merge keys that merge ``width`` copies of the previous mapping (64 aliases): PyYAML copies every pair of
-    every merged mapping while it constructs, so the mappings' pair lists grow as width**levels."""
-    lines = ["title: merge bomb", "m0: &m0 {" + ", ".join(f"k{k}: v" for k in range(10)) + "}"]
+def merge_bomb(levels: int = 20, width: int = 3) -> str:
+    """Merge keys that each merge ``width`` copies of the previous mapping (60 aliases).  PyYAML copies every pair
+    of every merged mapping while it constructs, so the last mapping's pair list grows as width**levels (3**20, three
+    billion), though the dict it becomes has only a few dozen keys."""
+    lines = ["title: merge bomb", "m0: &m0 {k0: v, k1: v, k2: v}"]
     lines += [f"m{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * width)}], own{i}: v}}" for i in range(1, levels + 1)]
     return "\n".join(lines) + "\nshots:\n" + SHOT
 

@@ -149,6 +149,11 @@ shots:
         ("a", ["a harbor at dawn"], 2, 3.0),
         ("b", ["a harbor at dawn"], 3, 3.0),
     ]
+    # Merges chained through every shot splice pairs, they do not nest: a chain of 12 stays 5 levels deep.
+    shots = ["  - &s0 {id: s0, frames: 9, prompt: [dawn], steps: 2}"]
+    shots += [f"  - &s{i} {{<<: *s{i - 1}, id: s{i}}}" for i in range(1, 13)]
+    sb = parse_storyboard("title: chain\nresolution: 64x64\nshots:\n" + "\n".join(shots) + "\n", folder)
+    assert [(s.id, s.prompt, s.steps) for s in sb.shots][-1] == ("s12", ["dawn"], 2)
 
 
 def test_a_normal_film_loads_after_every_hostile_one(folder: Path) -> None:
