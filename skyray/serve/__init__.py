@@ -11,16 +11,19 @@ HTTP API (OpenAPI at ``/openapi.json``; every ``/v1`` route needs ``Authorizatio
     DELETE /v1/jobs/{id}             cancel (at once if waiting, else at the next window boundary)
     GET    /healthz                  no token needed
 
-Layout: ``Ingress`` (one replica: FastAPI app, job store, dispatcher) and one ``Renderer`` deployment per served
-model (a replica = one placement group of GPU bundles, STRICT_PACK; one job at a time; autoscaled on waiting
-jobs).  Jobs render through ``compile_plan`` + ``render_film`` into ``<data_dir>/jobs/<id>/``.
+Layout: ``Ingress`` (``ingress_replicas`` replicas, each a FastAPI app and a dispatcher, sharing the job store)
+and one ``Renderer`` deployment per served model (a replica = one placement group of GPU bundles, STRICT_PACK;
+one job at a time; autoscaled on waiting jobs).  Jobs render through ``compile_plan`` + ``render_film`` into
+``<data_dir>/jobs/<id>/``.
 
-Restarts lose no accepted job: the SQLite store (``SKYRAY_JOB_DB``, default ``<data_dir>/jobs.sqlite``) is the
-source of truth.  A started ingress re-queues every job that was dispatched or running; a renderer call that
-dies re-queues its job; each re-dispatch is a new *attempt* that supersedes older ones; and ``render_film`` run
-again in the job's folder reuses finished shots and resumes the running one from its last window checkpoint.
-The data directory must be one filesystem shared by the ingress and every renderer (one node, or a shared
-volume with working POSIX locks for SQLite); an object-store location (``s3://``) is not implemented.
+Restarts lose no accepted job: the job store is the source of truth, SQLite (``SKYRAY_JOB_DB``, default
+``<data_dir>/jobs.sqlite``; one node) or PostgreSQL (``SKYRAY_DATABASE_URL``; any number of nodes and ingress
+replicas).  Each job is claimed by one dispatcher; a dispatcher whose heartbeat stops (its replica died) has its
+jobs queued again by another; a renderer call that dies re-queues its job; each re-dispatch is a new *attempt*
+that supersedes older ones; and ``render_film`` run again in the job's folder reuses finished shots and resumes
+the running one from its last window checkpoint.  Finished jobs expire after ``job_ttl_s`` (files and rows).
+The data directory must be one filesystem shared by the ingress replicas and every renderer; an object-store
+location (``s3://``) for job files is not implemented yet.
 
 ``app`` is built on first access from ``SKYRAY_*`` environment variables (see :class:`ServeOptions`), so
 importing this package starts nothing and needs no token; ``build_app(options)`` builds one explicitly.
