@@ -24,6 +24,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-replicas", type=int, help="renderer replicas per model, at most")
     p.add_argument("--gpus-per-replica", type=int, help="GPUs per renderer (0: CPU only)")
     p.add_argument("--max-queue", type=int, help="jobs that may wait before submissions get 429")
+    p.add_argument("--ingress-replicas", type=int,
+                   help="API replicas sharing the job store (the PostgreSQL DSN comes from SKYRAY_DATABASE_URL)")
     p.add_argument("--insecure-no-auth", action="store_true", default=None,
                    help="accept requests without a bearer token (anyone can submit and see every job)")
     p.set_defaults(func=cmd_serve)
@@ -42,6 +44,7 @@ def cmd_serve(args) -> int:
             host=args.host, port=args.port, models=tuple(args.models) if args.models else None,
             device=args.device, data_dir=args.data_dir, min_replicas=args.min_replicas,
             max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica, max_queue=args.max_queue,
+            ingress_replicas=args.ingress_replicas,
             insecure_no_auth=args.insecure_no_auth,
         )
         app = build_app(options)
@@ -62,10 +65,18 @@ def cmd_serve(args) -> int:
     serve.start(http_options={"host": options.host, "port": options.port})
     serve.run(app, name="skyray", route_prefix="/")
     print(f"skyray serving {', '.join(options.models)} on http://{options.host}:{options.port} "
-          f"(OpenAPI at /openapi.json, jobs in {options.jobs_dir}); Ctrl-C stops")
+          f"(OpenAPI at /openapi.json, job files in {options.jobs_dir}, job store {_store_name(options)}); Ctrl-C stops")
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
     return 0
+
+
+def _store_name(options) -> str:
+    from skyray.serve.store import Database
+
+    if options.database_url:
+        return Database(options.database_url).redacted  # never the password
+    return str(options.db_path)
