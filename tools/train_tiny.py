@@ -1,0 +1,131 @@
+"""Train the ``tiny-trained`` model and write it as a diffusers folder with its model card.
+
+    .venv/bin/python tools/train_tiny.py --out skyray/assets/tiny_trained          # the committed model
+    .venv/bin/python tools/train_tiny.py --out /tmp/tt --vae-steps 20 --steps 20 --clips 32   # a smoke run
+
+Writes model_index.json and the five component folders, ``training.json`` (config, losses, timings),
+``loss.png``, and ``SHA256SUMS``; ``--evaluate`` then renders with the result through the real sampler and
+writes ``metrics.json`` (the quality figures a rerun must match, see the model card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from skyray import models  # noqa: E402
+from skyray.training import train  # noqa: E402
+
+
+def loss_plot(curves: dict[str, list[float]], path: Path, size: tuple[int, int] = (640, 360)) -> None:
+    """Log-scale loss curves (smoothed over 25 steps) as a PNG, drawn with PIL (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    colours = [(200, 50, 50), (40, 90, 200)]
+    panel = w // max(1, len(curves))
+    for k, (name, values) in enumerate(curves.items()):
+        v = np.log10(np.maximum(np.convolve(values, np.ones(25) / 25, mode="valid"), 1e-6))
+        x0, x1, y0, y1 = k * panel + 50, (k + 1) * panel - 10, 30, h - 30
+        d.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
+        lo, hi = float(v.min()), float(v.max())
+        pts = [
+            (x0 + (x1 - x0) * i / max(1, len(v) - 1), y1 - (y1 - y0) * (val - lo) / max(1e-9, hi - lo))
+            for i, val in enumerate(v)
+        ]
+        d.line(pts, fill=colours[k % 2], width=2)
+        d.text((x0, 8), f"{name}: {len(values)} steps, log10 loss {hi:.2f} .. {lo:.2f}", fill=(0, 0, 0))
+        d.text((x0 - 45, y0), f"{10 ** hi:.3f}", fill=(0, 0, 0))
+        d.text((x0 - 45, y1 - 10), f"{10 ** lo:.3f}", fill=(0, 0, 0))
+    img.save(path)
+
+
+def sha256sums(folder: Path) -> str:
+    lines = []
+    for p in sorted(folder.rglob("*.safetensors")):
+        lines.append(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder).as_posix()}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (a diffusers model folder)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--evaluate", action="store_true", help="after training, measure quality (metrics.json)")
+    p.add_argument("--evaluate-only", action="store_true", help="only measure an existing --out folder")
+    defaults = train.TrainConfig()
+    for f in dataclasses.fields(train.TrainConfig):
+        if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=getattr(defaults, f.name))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if not args.evaluate_only:
+        cfg = train.TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(train.TrainConfig)
+                                   if hasattr(args, f.name)})
+        train_model(cfg, out, args.threads)
+    if args.evaluate or args.evaluate_only:
+        from skyray.training.evaluate import evaluate
+
+        metrics = evaluate(str(out))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def train_model(cfg: train.TrainConfig, out: Path, threads: int) -> None:
+    def progress(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    start = time.time()
+    log = train.TrainLog()
+    vae = train.train_vae(cfg, log, progress)
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(train.reconstruction_sheet(vae, cfg)).save(out / "vae_reconstruction.png")
+    clips = train.encode_clips(vae, cfg, log, progress)
+    tokenizer, text_encoder, transformer = train.train_transformer(clips, cfg, log, progress)
+    vae = train.with_latent_stats(vae, log.latents_mean, log.latents_std)
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    comps = models.Components(
+        tokenizer, text_encoder, transformer, vae, scheduler,
+        models.family_from_config(dict(transformer.config)), str(out),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    models.export(comps, out)
+    log.seconds["total"] = time.time() - start
+    summary = {
+        "config": train.config_dict(cfg),
+        "threads": threads,
+        "torch": torch.__version__,
+        "seconds": log.seconds,
+        "vae_loss_last100": log.tail_mean("vae_loss"),
+        "loss_last100": log.tail_mean("loss"),
+        "latents_mean": log.latents_mean,
+        "latents_std": log.latents_std,
+        "vae_loss": [round(v, 5) for v in log.vae_loss],
+        "loss": [round(v, 5) for v in log.loss],
+    }
+    (out / "training.json").write_text(json.dumps(summary) + "\n")
+    loss_plot({"VAE (L1 + MSE)": log.vae_loss, "transformer (flow matching MSE)": log.loss}, out / "loss.png")
+    (out / "SHA256SUMS").write_text(sha256sums(out))
+    progress(f"wrote {out} in {log.seconds['total']:.0f} s")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
