@@ -192,10 +192,12 @@ def create_api(service: "Ingress") -> FastAPI:
                            {"Retry-After": str(retry)})
 
     def enqueue(who: str, admitted: Admitted) -> JobAccepted:
-        check_queue()  # again: the queue may have filled while the request was being checked
-        check_quota(store, who, options, admitted.frames)
+        def guard() -> None:  # again, atomically with the insert: the queue may have filled in the meantime
+            check_queue()
+            check_quota(store, who, options, admitted.frames)
+
         store.add(admitted.job_id, who, admitted.kind, admitted.model, admitted.storyboard, admitted.video,
-                  admitted.parent, frames=admitted.frames)
+                  admitted.parent, frames=admitted.frames, guard=guard)
         service.on_submitted(admitted.kind)
         return JobAccepted(id=admitted.job_id, status=QUEUED)
 

@@ -298,3 +298,39 @@ def test_a_database_newer_than_this_code_is_refused(job_db):
     s.close()
     with pytest.raises(SchemaError, match="newer than this"):
         JobStore(job_db)
+
+
+def test_a_guarded_add_holds_its_limit_under_concurrent_submissions(job_db):
+    """Ten submitters race to add with a guard allowing 3 queued jobs: exactly 3 get in (the API's queue and
+    quota checks run as such a guard)."""
+    stores = [JobStore(job_db) for _ in range(10)]
+    barrier = threading.Barrier(10)
+    results: list[str] = []
+
+    class Full(Exception):
+        pass
+
+    def submit(n: int) -> None:
+        s = stores[n]
+
+        def guard() -> None:
+            time.sleep(0.02)  # widen the window a check-then-insert race would need
+            if s.counts()[QUEUED] >= 3:
+                raise Full
+
+        barrier.wait()
+        try:
+            s.add(f"j{n}", "a", "shot", "tiny", {}, "x.mp4", guard=guard)
+            results.append("in")
+        except Full:
+            results.append("full")
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == ["full"] * 7 + ["in"] * 3
+    assert stores[0].counts()[QUEUED] == 3
+    for s in stores:
+        s.close()

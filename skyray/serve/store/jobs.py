@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -178,9 +179,15 @@ class JobStore:
     # ------------------------------------------------------------------------------------------ ingress side
 
     def add(self, job_id: str, owner: str, kind: str, model: str, storyboard: dict, video: str,
-            parent: str | None = None, frames: int = 0) -> Job:
+            parent: str | None = None, frames: int = 0, guard: Callable[[], None] | None = None) -> Job:
+        """Insert a queued job.  ``guard`` (which may raise to refuse it: a full queue, a quota) runs while this
+        insert holds the lock that every other ``add`` takes, so limits checked there hold under concurrent
+        submissions to any replica."""
         now = time.time()
         with self.db.write() as c:
+            if guard is not None:
+                self.db.lock(c, "skyray-add")  # SQLite: BEGIN IMMEDIATE already is that lock
+                guard()
             c.execute(jobs.insert().values(
                 id=job_id, owner=owner, kind=kind, model=model, status=QUEUED, storyboard=json.dumps(storyboard),
                 video=video, parent=parent, created=now, attempt=0, dispatched=0, restarts=0, cancel_requested=0,
