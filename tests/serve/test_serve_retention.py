@@ -3,13 +3,13 @@ PostgreSQL.  No renderer runs here: the test plays the renderer's part through t
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from contextlib import contextmanager
 
 import httpx
 import pytest
-from conftest import free_port
 from serve_helpers import SMALL, TOKEN_A, TOKEN_B
 
 from skyray.serve.ingress import REPLICA_HEADER, IngressService
@@ -17,6 +17,12 @@ from skyray.serve.options import ServeOptions, token_hash
 from skyray.serve.quotas import frames_free_in
 from skyray.serve.store import DONE, RUNNING
 from skyray.serve.store.jobs import DAY_S
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextmanager
