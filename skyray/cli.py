@@ -91,15 +91,18 @@ def group_layout(args, storyboard, plan):
     heads = family.heads
     guidance = any(s.sampling.guided for s in plan.shots)
     p = storyboard.parallel
-    if p is None or p.ulysses is None or p.cfg is None:
-        layout = ParallelConfig.auto(gpus, heads, guidance)
-        if p is not None:
-            layout = ParallelConfig(
-                ulysses=p.ulysses or layout.ulysses, ring=p.ring, cfg=layout.cfg if p.cfg is None else p.cfg
-            )
-    else:
-        layout = ParallelConfig(ulysses=p.ulysses, ring=p.ring, cfg=p.cfg)
+    # yunchang/xfuser attention is opt-in (engine.parallel): only a film whose shots ask for it builds its groups.
+    attention = "xfuser" if any(s.sampling.attention == "xfuser" for s in plan.shots) else "auto"
     try:
+        if p is None or p.ulysses is None or p.cfg is None:
+            layout = ParallelConfig.auto(gpus, heads, guidance, ring=p.ring if p else 1, attention=attention)
+            if p is not None:
+                layout = ParallelConfig(
+                    ulysses=p.ulysses or layout.ulysses, ring=p.ring, cfg=layout.cfg if p.cfg is None else p.cfg,
+                    attention=attention,
+                )
+        else:
+            layout = ParallelConfig(ulysses=p.ulysses, ring=p.ring, cfg=p.cfg, attention=attention)
         layout.validate(gpus, heads, guidance)
         check_layout(layout, family, storyboard.height, storyboard.width)
     except ValueError as err:

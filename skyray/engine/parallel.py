@@ -142,26 +142,32 @@ class ParallelConfig:
             )
 
     @classmethod
-    def auto(cls, world_size: int, heads: int, guidance: bool) -> ParallelConfig:
+    def auto(
+        cls, world_size: int, heads: int, guidance: bool, ring: int = 1, attention: AttentionBackend = "auto"
+    ) -> ParallelConfig:
         """A sensible layout for ``world_size`` GPUs.
 
         CFG parallel first when there is guidance and the group is even (one small exchange per step, no
         per-layer communication); then a Ulysses degree for the remaining ranks, which must divide the head
-        count.  It never chooses ring attention (yunchang/xfuser, not yet run on a GPU): a group that CFG and
-        Ulysses cannot fill, e.g. 16 GPUs for the 12-head 1.3B model, is an error naming the sizes that work.
+        count.  It never chooses ring attention itself (yunchang/xfuser, not yet run on a GPU): ``ring`` is
+        the degree the caller asked for, and a group that CFG and Ulysses cannot fill, e.g. 16 GPUs for the
+        12-head 1.3B model, is an error naming the sizes that work.
         """
         if world_size < 1:
             raise ValueError(f"a GPU group needs at least one rank, got world size {world_size}")
-        cfg = guidance and world_size % 2 == 0
-        rest = world_size // (2 if cfg else 1)
+        if ring < 1 or world_size % ring:
+            raise ValueError(f"ring degree {ring} must be a positive divisor of the group's {world_size} GPUs")
+        cfg = guidance and (world_size // ring) % 2 == 0
+        rest = world_size // ring // (2 if cfg else 1)
         if heads % rest:
             sizes = sorted({d * (2 if guidance else 1) for d in _divisors(heads)} | set(_divisors(heads)))
             raise ValueError(
-                f"{world_size} GPUs per group cannot be split by CFG and Ulysses parallelism over the model's "
+                f"{world_size} GPUs per group{f' with ring {ring}' if ring > 1 else ''} cannot be split by CFG and "
+                f"Ulysses parallelism over the model's "
                 f"{heads} attention heads; use a group of {', '.join(map(str, sizes))} GPUs, or set a ring degree "
                 f"(parallel.ring: yunchang/xfuser ring attention, not yet run on a GPU)"
             )
-        return cls(ulysses=rest, cfg=cfg).validate(world_size, heads, guidance)
+        return cls(ulysses=rest, ring=ring, cfg=cfg, attention=attention).validate(world_size, heads, guidance)
 
 
 # ------------------------------------------------------------------------------------------------- sequence shards

@@ -292,6 +292,12 @@ def test_auto_never_picks_ring_attention():
     assert "1, 2, 3, 4, 6, 8, 12, 24" in str(err.value) and "parallel.ring" in str(err.value)
     with pytest.raises(ValueError, match="use a group of 1, 2, 4, 5, 8, 10, 20, 40 GPUs"):
         ParallelConfig.auto(3, 40, False)
+    # A ring degree the caller asks for is kept (and needs xfuser, absent here).
+    with pytest.raises(ValueError, match="ring degree 2 needs yunchang/xfuser"):
+        ParallelConfig.auto(16, 12, True, ring=2)
+    with pytest.raises(ValueError, match="ring degree 3 must be a positive divisor of the group's 8 GPUs"):
+        ParallelConfig.auto(8, 12, True, ring=3)
+    assert ParallelConfig.auto(4, 12, True, attention="torch") == ParallelConfig(2, 1, True, "torch")
 
 
 @pytest.mark.parametrize(
