@@ -66,11 +66,12 @@ class Components:
         return type(self.scheduler).from_config(self.scheduler.config, flow_shift=float(shift))
 
     def to(self, device: torch.device | str, offload: bool = False) -> Components:
-        """Move to ``device``; with ``offload`` only the VAE moves now and the text encoder and transformer stay
-        on the CPU until a stage needs them (weights never all on a small GPU at once)."""
+        """Move to ``device`` as ``placement`` says: with ``offload`` only the VAE moves now and the text encoder
+        and transformer stay on the CPU until a stage needs them (weights never all on a small GPU at once); on a
+        GPU the text encoder always stays on the CPU between encodings."""
         device = torch.device(device)
-        for m in (self.vae,) if offload else (self.text_encoder, self.transformer, self.vae):
-            m.to(device)
+        for part, where in placement(device, offload).items():
+            getattr(self, part).to(where)
         self.device = device
         return self
 
@@ -197,21 +198,18 @@ def check_model_folder(path: Path) -> None:
 
 
 def load_folder(path: Path, device: torch.device, offload: bool = False) -> Components:
-    from diffusers import AutoencoderKLWan, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
-    from transformers import AutoTokenizer, UMT5EncoderModel
+    """A diffusers folder's components, each tensor read straight into its final dtype and device
+    (``skyray.loading``): the load holds one tensor beyond the weights, on the host and on the GPU."""
+    from skyray import loading
 
-    check_model_folder(path)
-    dt = dtypes_for(device)
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", torch_dtype=dt["text_encoder"])
-    transformer = SkyReelsV2Transformer3DModel.from_pretrained(path / "transformer", torch_dtype=dt["transformer"])
-    vae = AutoencoderKLWan.from_pretrained(path / "vae", torch_dtype=dt["vae"])
-    sched_cfg = UniPCMultistepScheduler.load_config(path / "scheduler")
-    scheduler = UniPCMultistepScheduler.from_config(sched_cfg, prediction_type="flow_prediction", use_flow_sigmas=True)
-    for m in (text_encoder, transformer, vae):
-        m.eval().requires_grad_(False)
-    fam = family_from_config(dict(transformer.config))
-    return Components(tokenizer, text_encoder, transformer, vae, scheduler, fam, str(path)).to(device, offload)
+    comps = skeletons(str(path))
+    dt, where = dtypes_for(device), placement(device, offload)
+    for part in WEIGHT_PARTS:
+        module = getattr(comps, part)
+        entries = loading.checkpoint_entries(path / part)
+        loading.assign(module, loading.read_tensors(entries), dt[part], where[part], keep_fp32(module, dt[part]))
+    comps.device = torch.device(device)
+    return comps
 
 
 def load(model: str, device: torch.device | str | None = None, offload: bool = False) -> Components:
@@ -233,13 +231,41 @@ def load(model: str, device: torch.device | str | None = None, offload: bool = F
     return load_folder(resolve_model_path(model), device, offload)
 
 
-def build_empty(model: str, device: torch.device | str) -> Components:
-    """The model's architecture with uninitialised weights on ``device``: a receiver for ``broadcast_module``."""
-    from accelerate import init_empty_weights
+WEIGHT_PARTS = ("text_encoder", "transformer", "vae")
+
+
+def placement(device: torch.device | str, offload: bool = False) -> dict[str, torch.device]:
+    """Where each module lives between stages.  The VAE on ``device``; the transformer too unless offloading;
+    the text encoder on the CPU whenever ``device`` is a GPU (UMT5-XXL is 11 GB of bf16 the sampler never reads:
+    it visits the GPU only to encode a window's new prompts, see ``executors.worker``) or when offloading."""
+    device = torch.device(device)
+    cpu = torch.device("cpu")
+    return {
+        "text_encoder": cpu if offload or device.type == "cuda" else device,
+        "transformer": cpu if offload else device,
+        "vae": device,
+    }
+
+
+def keep_fp32(module: torch.nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
+    """Module names kept in fp32 when ``module`` is loaded in ``dtype``, as ``from_pretrained`` would: diffusers
+    keeps its ``_keep_in_fp32_modules`` for any lower precision, transformers only for fp16."""
+    keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+    if dtype == torch.float32:
+        return ()
+    if type(module).__module__.startswith("transformers.") and dtype != torch.float16:
+        return ()
+    return keep
+
+
+def skeletons(model: str) -> Components:
+    """The model's modules with their parameters on the meta device (no memory: ``loading.skeleton``), with
+    the real tokenizer and scheduler; ``loading.assign`` (or ``executors.distributed.load_broadcast``) fills them."""
     from diffusers import AutoencoderKLWan, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-    device = torch.device(device)
+    from skyray import loading
+
     if model == TINY:
         cfg = tiny_configs()
         tokenizer = tiny_tokenizer()
@@ -258,15 +284,29 @@ def build_empty(model: str, device: torch.device | str) -> Components:
             prediction_type="flow_prediction",
             use_flow_sigmas=True,
         )
-    with init_empty_weights(include_buffers=False):
-        text_encoder = UMT5EncoderModel(te_cfg)
-        transformer = SkyReelsV2Transformer3DModel.from_config(tr_cfg)
-        vae = AutoencoderKLWan.from_config(vae_cfg)
-    for m in (text_encoder, transformer, vae):
-        m.to_empty(device=device)
-        m.eval().requires_grad_(False)
+    text_encoder = loading.skeleton(lambda: UMT5EncoderModel(te_cfg))
+    transformer = loading.skeleton(lambda: SkyReelsV2Transformer3DModel.from_config(tr_cfg))
+    vae = loading.skeleton(lambda: AutoencoderKLWan.from_config(vae_cfg))
     fam = family_from_config(dict(transformer.config))
-    return Components(tokenizer, text_encoder, transformer, vae, scheduler, fam, model, device)
+    return Components(tokenizer, text_encoder, transformer, vae, scheduler, fam, model)
+
+
+def weight_stream(model: str, part: str):
+    """(name, CPU tensor) of one component's checkpoint, one at a time (the built-in tiny model: its state)."""
+    from skyray import loading
+
+    if model == TINY:
+        module = getattr(build_tiny(), part)
+        return iter(module.state_dict().items())
+    return loading.read_tensors(loading.checkpoint_entries(resolve_model_path(model) / part))
+
+
+def build_empty(model: str, device: torch.device | str) -> Components:
+    """A receiver for ``executors.distributed.broadcast_module``: the skeletons, nothing allocated (``device`` is
+    where the broadcast will put the weights)."""
+    comps = skeletons(model)
+    comps.device = torch.device(device)
+    return comps
 
 
 def load_vae(model: str, device: torch.device | str = "cpu") -> torch.nn.Module:

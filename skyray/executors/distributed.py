@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -206,3 +207,71 @@ def broadcast_module(module: torch.nn.Module, src: int = 0, group: dist.ProcessG
         if dist.get_rank() != src and (t.dtype != dtype or tuple(t.shape) != shape or t.is_meta):
             t.data = torch.empty(shape, dtype=dtype, device=t.device if not t.is_meta else "cpu")
         dist.broadcast(t.data, src=src, group=group)
+
+
+def broadcast_stream(
+    tensors: Iterable[tuple[str, torch.Tensor]] | None,
+    layout: list[tuple[str, str, tuple[int, ...]]] | None,
+    device: torch.device,
+    src: int = 0,
+    group: dist.ProcessGroup | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Send a checkpoint from ``src`` to every rank one tensor at a time; yields (name, tensor on ``device``).
+
+    On ``src`` ``tensors`` is the stream read from disk and ``layout`` its (name, dtype, shape) in the same
+    order, with the dtypes the tensors are sent in (their final ones); elsewhere both are None and the layout
+    arrives first.  ``device`` is the one the backend sends from (the rank's GPU for NCCL, the CPU for gloo): each
+    tensor is there only until the caller moves it to its final place, so no rank ever holds a whole module twice.
+    """
+    rank = dist.get_rank(group)
+    box = [layout] if rank == src else [None]
+    dist.broadcast_object_list(box, src=src, group=group)
+    entries = box[0]
+    source = iter(tensors) if rank == src else None
+    for name, dtype_name, shape in entries:
+        dtype = getattr(torch, dtype_name.removeprefix("torch."))
+        if source is not None:
+            sent_name, t = next(source)
+            if sent_name != name:
+                raise RuntimeError(f"checkpoint stream out of order: got {sent_name!r}, the layout says {name!r}")
+            t = t.to(device=device, dtype=dtype)
+        else:
+            t = torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(t, src=src, group=group)
+        yield name, t
+
+
+def load_broadcast(
+    model: str, device: torch.device | str, offload: bool = False, src: int = 0, group: dist.ProcessGroup | None = None
+):
+    """Every rank's ``models.Components`` of ``model``, read from disk by ``src`` only and broadcast.
+
+    Each rank builds meta skeletons (no memory) and assigns every tensor it receives in its final dtype on its
+    final device (``models.placement``), so a rank holds the weights once plus one tensor in flight.
+    """
+    from skyray import loading, models
+
+    device = torch.device(device)
+    comps = models.skeletons(model)
+    wire = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    dtypes, where = models.dtypes_for(device), models.placement(device, offload)
+    is_src = dist.get_rank(group) == src
+    for part in models.WEIGHT_PARTS:
+        module = getattr(comps, part)
+        keep = models.keep_fp32(module, dtypes[part])
+        tensors = layout = None
+        if is_src:
+            if model == models.TINY:
+                items = list(models.weight_stream(model, part))
+                tensors, shapes = iter(items), [(n, t.dtype, tuple(t.shape)) for n, t in items]
+            else:
+                entries = loading.checkpoint_entries(models.resolve_model_path(model) / part)
+                tensors, shapes = loading.read_tensors(entries), [(e.name, e.dtype, e.shape) for e in entries]
+            layout = [
+                (n, str(loading.final_dtype(n, dtypes[part], keep) if dt.is_floating_point else dt), s)
+                for n, dt, s in shapes
+            ]
+        stream = broadcast_stream(tensors, layout, wire, src, group)
+        loading.assign(module, stream, dtypes[part], where[part], keep)
+    comps.device = device
+    return comps

@@ -62,21 +62,11 @@ class Worker:
             # window's latents are bit-identical whichever executor or actor renders it.
             torch.set_num_threads(cpu_threads())
         if broadcast:
-            # Ranks of one group: rank 0 reads the checkpoint, the others receive it (weights are read once).
-            import torch.distributed as dist
+            # Ranks of one group: rank 0 reads the checkpoint tensor by tensor and broadcasts each as it is read;
+            # every rank assigns it in its final dtype on its final device (weights are read once, held once).
+            from skyray.executors.distributed import load_broadcast
 
-            from skyray.executors.distributed import broadcast_module
-
-            rank0 = dist.get_rank() == 0
-            c = models.load(model, device, offload) if rank0 else models.build_empty(model, "cpu")
-            c.device = torch.device(device or "cpu")
-            for m in (c.text_encoder, c.transformer, c.vae):
-                # NCCL sends from the GPU: one module there at a time, back to the CPU after when offloading.
-                m.to(c.device)
-                broadcast_module(m)
-                if offload and m is not c.vae:
-                    m.to("cpu")
-            self.components = c
+            self.components = load_broadcast(model, device or ("cuda" if torch.cuda.is_available() else "cpu"), offload)
         else:
             self.components = models.load(model, device, offload)
         self.prompts = PromptCache(self.components.tokenizer, self.components.text_encoder)
@@ -96,11 +86,11 @@ class Worker:
         wanted = [prompt, negative_prompt] if cfg.guidance else [prompt]
         if all(p in self.prompts for p in wanted):  # cached: the encoder need not move
             text = self.prompts.embeds(prompt, negative_prompt, cfg.guidance)
-        elif not cfg.offload:
+        elif not cfg.offload and self.components.device.type != "cuda":
             if self._offloaded:
                 self.components.text_encoder.to(self.components.device)
             text = self.prompts.embeds(prompt, negative_prompt, cfg.guidance)
-        else:
+        else:  # offloading, or any GPU: the text encoder lives on the CPU and visits (models.placement)
             self.components.text_encoder.to(self.components.device)
             try:
                 text = self.prompts.embeds(prompt, negative_prompt, cfg.guidance)
