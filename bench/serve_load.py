@@ -1,5 +1,6 @@
 """Load on the Serve app: N concurrent clients submit shots, follow them over SSE and download the videos,
-against 2 ingress replicas sharing a PostgreSQL job store on 127.0.0.1; one ingress replica is killed halfway.
+against 2 ingress replicas sharing a PostgreSQL job store on 127.0.0.1; one ingress replica is killed halfway
+and one renderer replica at three quarters.
 
 Prints requests per second, p50/p99 latency of each kind of API call, jobs accepted against jobs finished (they
 must be equal: nothing accepted is lost), and the memory of the server's processes (Ray's and PostgreSQL's)
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -59,17 +59,19 @@ class Postgres:
         self._ctl(["-w", "-m", "fast", "stop"], pgdata=self.folder, user=self._user)
 
 
-def server_rss_mib() -> float:
-    """Resident memory of every Ray process (raylet, GCS, Serve controller, proxy, replicas) and of PostgreSQL."""
+def server_rss_mib(pg: Postgres) -> float:
+    """Resident memory of this run's server: the Ray processes this driver started (GCS, raylet, Serve controller
+    and proxy, replicas: all its descendants) and this run's PostgreSQL (postmaster and backends)."""
+    procs = psutil.Process().children(recursive=True)
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if p.info["name"] == "postgres" and str(pg.folder) in " ".join(p.info["cmdline"] or []):
+            procs += [p, *p.children(recursive=True)]
     total = 0
-    names = ("raylet", "gcs_server", "ray::", "postgres", "dashboard", "log_monitor", "monitor.py")
-    me = os.getpid()
-    for p in psutil.process_iter(["name", "cmdline", "memory_info", "pid"]):
-        if p.info["pid"] == me or p.info["memory_info"] is None:
-            continue
-        text = f"{p.info['name']} {' '.join(p.info['cmdline'] or [])}"
-        if any(n in text for n in names):
-            total += p.info["memory_info"].rss
+    for p in {p.pid: p for p in procs}.values():
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
     return total / 2**20
 
 
@@ -130,7 +132,8 @@ def follow(client: httpx.Client, stats: Stats, job_id: str) -> str:
     raise RuntimeError(f"job {job_id}: the event stream never ended")
 
 
-def client_run(base: str, stats: Stats, jobs: int, seed: int, halfway: threading.Event, total: int) -> None:
+def client_run(base: str, stats: Stats, jobs: int, seed: int, halfway: threading.Event,
+               three_quarters: threading.Event, total: int) -> None:
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
         for j in range(jobs):
             r = stats.timed("submit", c.post, "/v1/shots", json={**SHOT, "seed": seed * 100 + j})
@@ -148,15 +151,17 @@ def client_run(base: str, stats: Stats, jobs: int, seed: int, halfway: threading
                     (stats.finished if ok else stats.failed).append(job_id)
                     if len(stats.finished) >= total // 2:
                         halfway.set()
+                    if len(stats.finished) >= (3 * total) // 4:
+                        three_quarters.set()
             else:
                 with stats.lock:
                     stats.failed.append(job_id)
 
 
-def ingress_actors() -> dict[str, str]:
+def replica_actors(deployment: str = "Ingress") -> dict[str, str]:
     import ray
 
-    prefix = f"SERVE_REPLICA::{APP}#Ingress#"
+    prefix = f"SERVE_REPLICA::{APP}#{deployment}#"
     return {a["name"][len(prefix):]: a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["namespace"] == "serve" and a["name"].startswith(prefix)}
 
@@ -171,7 +176,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--jobs", type=int, default=2, help="jobs each client submits, one after another")
     ap.add_argument("--renderers", type=int, default=2, help="renderer replicas (tiny model, CPU)")
-    ap.add_argument("--no-kill", action="store_true", help="do not kill an ingress replica halfway")
+    ap.add_argument("--no-kill", action="store_true", help="kill no replica (a baseline)")
     args = ap.parse_args()
 
     import ray
@@ -203,10 +208,11 @@ def main() -> int:
             warm_id = r.json()["id"]
             while warm.get(f"/v1/jobs/{warm_id}").json()["status"] not in ("done", "failed"):
                 time.sleep(0.2)
-        mem_before = server_rss_mib()
+        mem_before = server_rss_mib(pg)
 
-        stats, halfway = Stats(), threading.Event()
-        threads = [threading.Thread(target=client_run, args=(base, stats, args.jobs, i, halfway, total))
+        stats, halfway, three_quarters = Stats(), threading.Event(), threading.Event()
+        threads = [threading.Thread(target=client_run, args=(base, stats, args.jobs, i, halfway, three_quarters,
+                                                             total))
                    for i in range(args.clients)]
         t0 = time.perf_counter()
         for t in threads:
@@ -214,20 +220,27 @@ def main() -> int:
         killed = None
         if not args.no_kill:
             halfway.wait()
-            actors = ingress_actors()
+            actors = replica_actors()
             killed = sorted(actors)[0]
             ray.kill(ray.get_actor(actors[killed], namespace="serve"), no_restart=True)
             print(f"killed ingress replica {killed} with {len(stats.finished)} of {total} jobs finished, "
+                  f"{len(stats.accepted) - len(stats.finished)} in flight ({time.perf_counter() - t0:.1f} s in)")
+            three_quarters.wait()
+            renderers = replica_actors("Renderer")
+            victim = sorted(renderers)[0]
+            ray.kill(ray.get_actor(renderers[victim], namespace="serve"), no_restart=True)
+            print(f"killed renderer replica {victim} with {len(stats.finished)} of {total} jobs finished, "
                   f"{len(stats.accepted) - len(stats.finished)} in flight ({time.perf_counter() - t0:.1f} s in)")
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
         deadline = time.monotonic() + 60
-        while killed and len(ingress_actors()) < 2 and time.monotonic() < deadline:  # Serve replaces it
+        while killed and time.monotonic() < deadline and (  # Serve replaces what was killed
+                len(replica_actors()) < 2 or len(replica_actors("Renderer")) < args.renderers):
             time.sleep(0.5)
         time.sleep(2)
-        mem_after = server_rss_mib()
-        replicas_after = len(ingress_actors())
+        mem_after = server_rss_mib(pg)
+        replicas_after = f"{len(replica_actors())} ingress + {len(replica_actors('Renderer'))} renderer replicas"
 
         from skyray.serve.store import JobStore
 
@@ -249,7 +262,7 @@ def main() -> int:
         print(f"jobs accepted {len(stats.accepted)}, finished {len(stats.finished)} (done in the store: "
               f"{done_in_db}), failed {len(stats.failed)}")
         print(f"server memory (Ray + PostgreSQL RSS): before {mem_before:.0f} MiB, after {mem_after:.0f} MiB "
-              f"({mem_after - mem_before:+.0f} MiB; {replicas_after} ingress replicas up after)")
+              f"({mem_after - mem_before:+.0f} MiB; {replicas_after} up after)")
         ok = len(stats.accepted) == len(stats.finished) == total and not stats.failed
         print("accepted == finished" if ok else "LOST JOBS: accepted != finished")
         return 0 if ok else 1
