@@ -13,6 +13,7 @@ as it is read, and the other ranks assign what they receive; nobody else touches
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -89,11 +90,29 @@ def read_tensors(entries: Iterable[TensorEntry]) -> Iterator[tuple[str, torch.Te
             f.close()
 
 
+@contextlib.contextmanager
+def _meta_parameters() -> Iterator[None]:
+    # accelerate's init_empty_weights(include_buffers=False), without accelerate (the GPU check's machine lacks
+    # it): every parameter moves to the meta device as it is registered, so the initialisers that follow run on
+    # meta tensors (free) and buffers, registered otherwise, stay real.
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            p = module._parameters[name]
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
 def skeleton(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """``build()`` with its parameters on the meta device (no memory, no random init); buffers are real."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
+    with _meta_parameters():
         module = build()
     if hasattr(module, "tie_weights"):  # transformers ties embeddings after init, which init_empty_weights skips
         module.tie_weights()
