@@ -201,18 +201,22 @@ def create_api(service: "Ingress") -> FastAPI:
         service.on_submitted(admitted.kind)
         return JobAccepted(id=admitted.job_id, status=QUEUED)
 
-    async def admit(who: str, build) -> JSONResponse:
+    async def accept(who: str, build) -> JobAccepted:
+        """Admit and queue a job: ``build(job_id, job_dir) -> Admitted`` (every route that submits uses this)."""
         check_queue()
         check_quota(store, who, options)
         job_id = uuid.uuid4().hex
         job_dir = options.jobs_dir / job_id
         try:
             admitted = await run_in_threadpool(build, job_id, job_dir)
-            accepted = enqueue(who, admitted)
+            return enqueue(who, admitted)
         except BaseException:
             await run_in_threadpool(_remove_tree, job_dir)
             raise
-        return JSONResponse(accepted.model_dump(), 202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+    async def admit(who: str, build) -> JSONResponse:
+        accepted = await accept(who, build)
+        return JSONResponse(accepted.model_dump(), 202, headers={"Location": f"/v1/jobs/{accepted.id}"})
 
     responses = {**_ERRORS, 400: {"model": Problem, "description": "Unreadable body"}, 413: {"model": Problem},
                  415: {"model": Problem}, 422: {"model": Problem},
@@ -329,6 +333,9 @@ def create_api(service: "Ingress") -> FastAPI:
                       dispatcher=alive)
         return JSONResponse(body.model_dump(), 200 if alive else 503)
 
+    from skyray.serve.videos import add_videos_api
+
+    add_videos_api(app, service, accept)  # /v1/videos: the OpenAI Videos API over the same jobs
     return app
 
 
