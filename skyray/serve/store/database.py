@@ -45,8 +45,12 @@ class Database:
             sa.event.listen(self.engine, "begin", _sqlite_begin)
         elif self.dialect == "postgresql":
             # pre_ping: a replica outlives a database restart or failover without failing its next request.
-            self.engine = sa.create_engine(self.url, pool_size=4, max_overflow=8, pool_pre_ping=True,
-                                           pool_recycle=600)
+            try:
+                self.engine = sa.create_engine(self.url, pool_size=4, max_overflow=8, pool_pre_ping=True,
+                                               pool_recycle=600)
+            except ModuleNotFoundError as err:
+                raise ModuleNotFoundError(f"job database {self.redacted} needs psycopg 3: pip install "
+                                          f"'skyray[postgres]' ({err})") from err
         else:
             raise ValueError(f"job database: {self.redacted} is neither SQLite nor PostgreSQL")
 
