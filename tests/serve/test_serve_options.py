@@ -92,3 +92,23 @@ def test_renderer_is_one_strict_pack_group_taking_one_job():
     assert (auto["min_replicas"], auto["max_replicas"], auto["target_ongoing_requests"]) == (0, 3, 1)
     cpu = renderer_options(ServeOptions(gpus_per_replica=0), 1)
     assert cpu["name"] == "Renderer-1" and cpu["placement_group_bundles"] == [{"CPU": 1.0}]
+
+
+def test_job_store_replicas_retention_and_quotas_from_env():
+    dsn = "postgresql://skyray:s3cret@db.internal:5432/skyray"
+    env = {"SKYRAY_DATABASE_URL": dsn, "SKYRAY_INGRESS_REPLICAS": "3", "SKYRAY_JOB_TTL_S": "3600",
+           "SKYRAY_QUOTA_QUEUED": "4", "SKYRAY_QUOTA_RUNNING": "1", "SKYRAY_QUOTA_FRAMES_PER_DAY": "10000",
+           "SKYRAY_DATA_DIR": "/srv/skyray"}
+    opts = ServeOptions.from_env(env)
+    assert opts.store_target == dsn and opts.for_replicas().store_target == dsn  # the DSN replaces jobs.sqlite
+    assert "s3cret" not in repr(opts)
+    assert (opts.ingress_replicas, opts.ttl_s, opts.quota_queued, opts.quota_running, opts.quota_frames_per_day) \
+        == (3, 3600.0, 4, 1, 10000)
+    assert ServeOptions(job_ttl_s=0).ttl_s is None  # 0 keeps finished jobs
+    assert ServeOptions(data_dir="/srv/skyray").store_target == "/srv/skyray/jobs.sqlite"
+    with pytest.raises(OptionsError, match="database_url must be a postgresql"):
+        ServeOptions(database_url="sqlite:///x.db")
+    with pytest.raises(OptionsError, match="quota_running must be >= 0"):
+        ServeOptions(quota_running=-1)
+    with pytest.raises(OptionsError, match="ingress_replicas must be >= 1"):
+        ServeOptions(ingress_replicas=0)
