@@ -36,7 +36,7 @@ HW = (4, 8)  # latent 4x8 = 32x64 pixels: 2x4 = 8 tokens per latent frame
 SEED = 11
 TOL = 1e-5
 COLLECTIVE_TIMEOUT_S = 60.0
-SPAWN_DEADLINE_S = 100.0
+SPAWN_DEADLINE_S = 200.0
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ def _run_group(tiny, tmp_path: Path, world: int, layouts: list[ParallelConfig]) 
     return results
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_two_ranks_ulysses_and_cfg_match_single_process(tiny, tmp_path):
     layouts = [ParallelConfig(ulysses=2), ParallelConfig(cfg=True)]
     results = _run_group(tiny, tmp_path, 2, layouts)
@@ -228,7 +228,7 @@ def test_two_ranks_ulysses_and_cfg_match_single_process(tiny, tmp_path):
     assert "sequence parallel degree 2 must divide the 3 tokens of each latent frame" in msg
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_cfg2_x_ulysses2_on_four_ranks_matches_single_process(tiny, tmp_path):
     layout = ParallelConfig(ulysses=2, cfg=True)
     results = _run_group(tiny, tmp_path, 4, [layout])
