@@ -92,7 +92,7 @@ class NoisePredictor:
         cfg = self.config
         if cfg.attention == "sdpa":
             return
-        param = next(self.transformer.parameters())
+        param = self.transformer.patch_embedding.weight  # not the first parameter: that one stays fp32
         if cfg.attention == "flash":
             if param.device.type != "cuda":
                 raise ValueError(
@@ -207,7 +207,8 @@ def denoise_window(
     """
     cfg = predict.config
     device = next(predict.transformer.parameters()).device
-    dtype = next(predict.transformer.parameters()).dtype
+    # The compute dtype: a bf16 model's first parameter (scale_shift_table) is one of those kept in fp32.
+    dtype = predict.transformer.patch_embedding.weight.dtype
     h, w = latent_hw
     if (prefix is None) != (window.prefix == 0) or (prefix is not None and prefix.shape[2] != window.prefix):
         raise ValueError(f"window {window.index} expects {window.prefix} prefix latents")
