@@ -301,14 +301,6 @@ def weight_stream(model: str, part: str):
     return loading.read_tensors(loading.checkpoint_entries(resolve_model_path(model) / part))
 
 
-def build_empty(model: str, device: torch.device | str) -> Components:
-    """A receiver for ``executors.distributed.broadcast_module``: the skeletons, nothing allocated (``device`` is
-    where the broadcast will put the weights)."""
-    comps = skeletons(model)
-    comps.device = torch.device(device)
-    return comps
-
-
 def load_vae(model: str, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Only the VAE (for decoder/writer processes that never run the transformer)."""
     if model == TINY:

@@ -190,25 +190,6 @@ def destroy_group() -> None:
         dist.destroy_process_group()
 
 
-def broadcast_module(module: torch.nn.Module, src: int = 0, group: dist.ProcessGroup | None = None) -> None:
-    """Copy ``src``'s parameters and buffers into every rank's ``module`` (same architecture, any init).
-
-    Weights are read from disk once per group instead of once per GPU: the other ranks build an empty
-    skeleton and receive the tensors (names, dtypes and shapes first, so a bf16/fp32 mix arrives intact).
-    """
-    # Every name, tied ones included: an empty skeleton built with ``to_empty`` may no longer share them.
-    tensors = dict(module.named_parameters(remove_duplicate=False))
-    tensors.update(dict(module.named_buffers(remove_duplicate=False)))
-    layout = [[(n, str(t.dtype), tuple(t.shape)) for n, t in tensors.items()]] if dist.get_rank() == src else [None]
-    dist.broadcast_object_list(layout, src=src, group=group)
-    for name, dtype_name, shape in layout[0]:
-        t = tensors[name]
-        dtype = getattr(torch, dtype_name.removeprefix("torch."))
-        if dist.get_rank() != src and (t.dtype != dtype or tuple(t.shape) != shape or t.is_meta):
-            t.data = torch.empty(shape, dtype=dtype, device=t.device if not t.is_meta else "cpu")
-        dist.broadcast(t.data, src=src, group=group)
-
-
 def broadcast_stream(
     tensors: Iterable[tuple[str, torch.Tensor]] | None,
     layout: list[tuple[str, str, tuple[int, ...]]] | None,
