@@ -8,8 +8,10 @@ reported in the index with the same clear message and the others still render.  
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -54,42 +56,51 @@ def parse_requests(
             invalid.append({"id": rid, "line": n, "request": line[:500], "status": "invalid",
                             "output": None, "seconds": 0.0, "error": f"{path.name}:{n}: {msg}"})
             continue
-        valid.append({"id": rid, "line": n, "request": line, "storyboard": json.dumps(data)})
+        # The request's files travel as bytes: the renderer actor may be on a node that cannot see this one's disk.
+        inputs = {}
+        shot = data["shots"][0]
+        for key in ("image", "end_image"):
+            if shot.get(key):
+                name = f"{key}{Path(shot[key]).suffix}"
+                inputs[name] = (path.parent / shot[key]).read_bytes()
+                shot[key] = name
+        valid.append({"id": rid, "line": n, "request": line, "storyboard": json.dumps(data),
+                      "inputs": json.dumps({k: base64.b64encode(v).decode() for k, v in inputs.items()})})
     return valid, invalid
 
 
 class BatchRenderer:
-    """Ray Data actor: one model replica rendering requests one at a time."""
+    """Ray Data actor: one render session (one model replica) rendering requests one at a time.
 
-    def __init__(self, model: str, out_dir: str, base_dir: str, device: str | None = None) -> None:
-        from skyray.executors.local import LocalExecutor
+    Each request renders into this node's own scratch folder; its film comes back in the row as bytes and the
+    driver writes it into ``--out``, so renderer actors on any node of a cluster work."""
 
-        self.executor = LocalExecutor(model, device)
-        self.out = Path(out_dir)
-        self.base = Path(base_dir)
+    def __init__(self, model: str, device: str | None = None) -> None:
+        from skyray.session import RenderSession, SessionConfig
+
+        self.session = RenderSession(SessionConfig(model, executor="local", device=device, progress=False))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        from skyray.plan import compile_plan
-        from skyray.render import render_film
-
-        rows: dict[str, list] = {k: [] for k in ("id", "line", "request", "status", "output", "seconds", "error")}
-        for rid, line, request, sb in zip(batch["id"], batch["line"], batch["request"], batch["storyboard"]):
+        rows: dict[str, list] = {k: [] for k in ("id", "line", "request", "status", "film", "seconds", "error")}
+        for rid, line, request, sb, inputs in zip(batch["id"], batch["line"], batch["request"], batch["storyboard"],
+                                                  batch["inputs"]):
             t0 = time.perf_counter()
-            status, output, error = "done", None, None
+            status, film, error = "done", None, None
+            work = Path(tempfile.mkdtemp(prefix=f"skyray-batch-{rid}-"))
             try:
-                from skyray.enhance import enhance_before_render
-
-                board = storyboard_from_data(json.loads(sb), self.base, f"request {rid}")
+                for name, data in json.loads(inputs).items():
+                    (work / name).write_bytes(base64.b64decode(data))
+                board = storyboard_from_data(json.loads(sb), work, f"request {rid}")
                 # Requests with "enhance": true get their prompt rewritten first (cached, its own actor).
-                _, plan = enhance_before_render(board, compile_plan(board), use_ray=True, quiet=True)
-                work = self.out / "work" / rid
-                render_film(plan, work, self.executor)
-                output = str(self.out / f"{rid}.mp4")
-                shutil.copyfile(work / "film.mp4", output)
+                _, plan = self.session.prepare(board)
+                self.session.render(plan, work / "out")
+                film = (work / "out" / "film.mp4").read_bytes()
             except Exception as err:  # one failed request must not stop the batch
                 status, error = "failed", f"{type(err).__name__}: {err}"
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
             for k, v in (("id", rid), ("line", int(line)), ("request", request), ("status", status),
-                         ("output", output), ("seconds", round(time.perf_counter() - t0, 3)), ("error", error)):
+                         ("film", film), ("seconds", round(time.perf_counter() - t0, 3)), ("error", error)):
                 rows[k].append(v)
         return rows
 
@@ -103,35 +114,42 @@ def run_batch(
     defaults: dict[str, Any] | None = None,
     groups: int = 1,
     use_gpu: bool | None = None,
+    address: str | None = None,
 ) -> list[dict]:
-    """Render every valid request; write ``index.jsonl`` (one row per input line, in line order)."""
+    """Render every valid request into ``out_dir`` (a folder or a ``pyarrow.fs`` URI) as ``<id>.mp4``; write
+    ``index.jsonl`` (one row per input line, in line order).  ``address`` joins an existing Ray cluster."""
     import ray
 
     from skyray.executors.ray import EMULATED_SLOT, ensure_ray
+    from skyray.output.location import OutputLocation
 
-    out = Path(out_dir)
+    out = OutputLocation(out_dir)
     film = {"model": model, "resolution": resolution, "fps": fps, "defaults": dict(defaults or {})}
     valid, invalid = parse_requests(requests, film)
     rows = list(invalid)
     if valid:
-        ensure_ray()
+        ensure_ray(address)
         gpu = bool(ray.cluster_resources().get("GPU", 0)) if use_gpu is None else use_gpu
-        out.mkdir(parents=True, exist_ok=True)
+        emulated = ray.cluster_resources().get(EMULATED_SLOT, 0) >= 1
         ds = ray.data.from_items(valid).map_batches(
             BatchRenderer,
-            fn_constructor_kwargs={"model": model, "out_dir": str(out), "base_dir": str(Path(requests).parent),
-                                   "device": "cuda" if gpu else "cpu"},
+            fn_constructor_kwargs={"model": model, "device": "cuda" if gpu else "cpu"},
             batch_size=1,
             concurrency=groups,
             num_gpus=1 if gpu else 0,
-            num_cpus=0 if not gpu else 1,
-            resources=None if gpu else {EMULATED_SLOT: 1},
+            num_cpus=1 if gpu or not emulated else 0,
+            # Without GPUs a renderer takes one CPU-emulated group slot where the cluster has them, else a CPU.
+            resources={EMULATED_SLOT: 1} if not gpu and emulated else None,
         )
-        rows += ds.take_all()
+        for r in ds.iter_rows():
+            film_bytes = r.pop("film")
+            r["output"] = None
+            if film_bytes is not None:
+                out.write_bytes(f"{r['id']}.mp4", film_bytes)
+                r["output"] = out.redacted.rstrip("/") + f"/{r['id']}.mp4"
+            rows.append(r)
     rows.sort(key=lambda r: r["line"])
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "index.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps({k: r[k] for k in ("id", "line", "request", "status", "output", "seconds", "error")})
-                    + "\n")
+    index = "".join(json.dumps({k: r[k] for k in ("id", "line", "request", "status", "output", "seconds", "error")})
+                    + "\n" for r in rows)
+    out.write_bytes("index.jsonl", index.encode())
     return rows

@@ -15,59 +15,6 @@ def _load_plan(path: str):
     return sb, compile_plan(sb)
 
 
-def _progress(quiet: bool, total_windows: int, executor=None):
-    if quiet:
-        return None, lambda: None
-    from tqdm import tqdm
-
-    film = tqdm(total=total_windows, desc="film", unit="window", position=0, dynamic_ncols=True)
-    bars: dict[str, tqdm] = {}
-    rows: dict[str, tqdm] = {}
-
-    def on_row(shot: str, window: int, row: int, total: int) -> None:
-        # Model calls inside the current window (in-process executor only; Ray reports per window).
-        key = f"{shot}/{window}"
-        if key not in rows:
-            for bar in rows.values():
-                bar.close()
-            rows.clear()
-            rows[key] = tqdm(total=total, desc=f"window {window}", unit="step", position=2, leave=False,
-                             dynamic_ncols=True)
-        rows[key].update(1)
-
-    worker = getattr(executor, "worker", None)
-    if worker is not None:
-        worker.on_row = on_row
-
-    def on_event(e: dict) -> None:
-        kind = e["type"]
-        if kind == "plan":
-            done = sum(1 for _ in e["reused"])
-            if done:
-                film.write(f"reusing {done} finished shot(s): {', '.join(e['reused'])}")
-        elif kind == "shot_start":
-            bars[e["shot"]] = tqdm(total=e["windows"], desc=f"shot {e['shot']}", unit="window", position=1,
-                                   leave=False, dynamic_ncols=True)
-        elif kind == "window":
-            film.update(1)
-            if e["shot"] in bars:
-                bars[e["shot"]].update(1)
-        elif kind == "shot_done":
-            bar = bars.pop(e["shot"], None)
-            if bar is not None:
-                bar.close()
-            film.write(f"shot {e['shot']}: {e['frames']} frames -> {e['path']}")
-        elif kind == "retry":
-            film.write(f"retrying shot {e['shot']} window {e['window']} on group {e['group']}: {e['error']}")
-
-    def close() -> None:
-        for b in [*rows.values(), *bars.values()]:
-            b.close()
-        film.close()
-
-    return on_event, close
-
-
 def cmd_plan(args) -> int:
     from skyray.plan import fit_memory, format_plan
 
@@ -110,25 +57,24 @@ def group_layout(args, storyboard, plan):
     return groups, gpus, layout
 
 
-def make_executor(args, storyboard, plan):
+def session_config(args, storyboard, plan):
+    """The render session the command line asks for (the layout validated before anything loads)."""
+    from skyray.session import SessionConfig
+
     # Offloading shots need the weights loaded off the GPU from the start, not just moved between stages.
     offload = any(s.sampling.offload for s in plan.shots)
-    if args.executor == "local":
-        from skyray.executors.local import LocalExecutor
-
-        return LocalExecutor(storyboard.model, args.device, offload=offload)
-    from skyray.executors.ray import RayExecutor
-
-    groups, gpus, layout = group_layout(args, storyboard, plan)
     guidance = any(s.sampling.guided for s in plan.shots)
-    return RayExecutor(storyboard.model, groups=groups, gpus_per_group=gpus, address=args.address,
-                       parallel=layout if gpus > 1 else None, guidance=guidance, max_writers=args.writers,
-                       decode_gpu=args.decode_gpu, progress=not args.quiet, offload=offload)
+    if args.executor == "local":
+        return SessionConfig(storyboard.model, executor="local", device=args.device, offload=offload,
+                             guidance=guidance, progress=not args.quiet)
+    groups, gpus, layout = group_layout(args, storyboard, plan)
+    return SessionConfig(storyboard.model, executor="ray", address=args.address, groups=groups, gpus_per_group=gpus,
+                         layout=layout, guidance=guidance, writers=args.writers, decode_gpu=args.decode_gpu,
+                         progress=not args.quiet, offload=offload, start_timeout_s=args.start_timeout)
 
 
 def cmd_render(args) -> int:
     from skyray.plan import fit_memory, format_plan
-    from skyray.render import render_film
 
     sb, plan = _load_plan(args.storyboard)  # everything is validated before a model loads or a file is written
     _, _, layout = group_layout(args, sb, plan)
@@ -142,19 +88,24 @@ def cmd_render(args) -> int:
         print(format_plan(plan))
         return 0
     out = args.out or str(Path("renders") / Path(args.storyboard).stem)  # a folder or a pyarrow.fs URI
-    from skyray.enhance import enhance_before_render  # before the video model loads; frees its LLM after
+    from skyray.output.location import redact
+    from skyray.progress import terminal_progress
+    from skyray.session import RenderSession
 
-    sb, plan = enhance_before_render(sb, plan, args.executor == "ray", args.address, args.quiet)
+    session = RenderSession(session_config(args, sb, plan))
+    sb, plan = session.prepare(sb, plan, quiet=args.quiet)  # before the video model loads; frees its LLM after
     plan = fit(sb, plan)
-    executor = make_executor(args, sb, plan)
-    on_event, close = _progress(args.quiet, sum(len(s.windows) for s in plan.shots), executor)
     try:
-        manifest = render_film(plan, out, executor, save_latents=args.save_latents, on_event=on_event)
+        on_event, close = terminal_progress(plan, session.executor, out, quiet=args.quiet)
+        try:
+            manifest = session.render(plan, out, save_latents=args.save_latents, on_event=on_event)
+        finally:
+            close()
     finally:
-        close()
-        executor.shutdown()
+        session.close()
     if not args.quiet:
-        print(f"film: {out}/{manifest['film']['path']} ({manifest['film']['frames']} frames at {plan.fps} fps)")
+        print(f"film: {redact(out).rstrip('/')}/{manifest['film']['path']} ({manifest['film']['frames']} frames at "
+              f"{plan.fps} fps)")
     return 0
 
 
@@ -180,7 +131,7 @@ def cmd_batch(args) -> int:
 
     defaults = json.loads(args.defaults) if args.defaults else {}
     rows = run_batch(args.requests, args.out, model=args.model, resolution=args.resolution, fps=args.fps,
-                     defaults=defaults, groups=args.groups)
+                     defaults=defaults, groups=args.groups, address=args.address)
     done = sum(r["status"] == "done" for r in rows)
     print(f"{done}/{len(rows)} requests rendered; index: {Path(args.out) / 'index.jsonl'}")
     for r in rows:
@@ -201,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--groups", type=int, help="GPU groups (model replicas)")
     r.add_argument("--gpus-per-group", type=int, help="GPUs per group (sequence/CFG parallel inside a group)")
     r.add_argument("--writers", type=int, default=2, help="decoder/encoder actors (ray executor)")
+    r.add_argument("--start-timeout", type=float, default=300.0,
+                   help="seconds a group may wait for its resources before the render stops (ray executor)")
     r.add_argument("--decode-gpu", type=float, default=0.0,
                    help="GPU share per decoder actor on GPU clusters (0: decode on CPU)")
     r.add_argument("--device", help="torch device for the local executor (default: cuda if available)")
@@ -226,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--fps", type=int, default=24)
     b.add_argument("--defaults", help="JSON object of sampling defaults, e.g. '{\"steps\": 30}'")
     b.add_argument("--groups", type=int, default=1, help="renderer actors (one model replica each)")
+    b.add_argument("--address", help="Ray address of an existing cluster ('auto', 'ray://host:10001')")
     b.set_defaults(func=cmd_batch)
 
     from skyray.serve.cli import add_serve_parser
@@ -256,6 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from skyray.executors.base import ResourcesUnavailable
+        from skyray.render import RenderCancelled, RenderFailed
+
+        if not isinstance(err, (ResourcesUnavailable, RenderFailed, RenderCancelled)):
+            raise
+        # Finished shots and checkpoints are kept: the same command resumes.
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

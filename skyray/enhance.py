@@ -386,22 +386,37 @@ def rewrite_prompts(config: Enhancer, prompts: list[str], device: str | None = N
 class _EnhancerActor:
     """Ray actor body: the LLM on its own GPU; the driver kills the actor when done, which frees everything."""
 
+    def ready(self) -> bool:
+        return True
+
     def rewrite(self, config: Enhancer, prompts: list[str]) -> list[str]:
         return rewrite_prompts(config, prompts)
 
 
-def _rewrite_on_ray(config: Enhancer, prompts: list[str], address: str | None) -> list[str]:
+ENHANCER_START_S = 120.0  # how long the enhancer actor may wait to be placed before the render stops
+
+
+def _rewrite_on_ray(config: Enhancer, prompts: list[str], address: str | None,
+                    start_timeout_s: float = ENHANCER_START_S) -> list[str]:
     import ray
-    from ray.exceptions import RayTaskError
+    from ray.exceptions import GetTimeoutError, RayTaskError
 
     from skyray.executors.ray import ensure_ray
 
     ensure_ray(address)  # the same Ray the render that follows uses
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
+    # Ask for what the cluster can give now: a free GPU, else the CPU (slower, but render groups that hold every
+    # GPU must not make the enhancer wait for ever).
+    gpus = 1 if ray.available_resources().get("GPU", 0) >= 1 else 0
     actor = ray.remote(_EnhancerActor).options(
-        name=f"{ACTOR_PREFIX}{uuid.uuid4().hex[:8]}", num_cpus=1, num_gpus=gpus, max_restarts=0
+        name=f"{ACTOR_PREFIX}{uuid.uuid4().hex[:8]}", num_cpus=1 if gpus else 0, num_gpus=gpus, max_restarts=0
     ).remote()
     try:
+        try:
+            ray.get(actor.ready.remote(), timeout=start_timeout_s)
+        except GetTimeoutError:
+            raise RuntimeError(
+                f"the prompt enhancer could not be placed within {start_timeout_s:.0f} s (it asks for "
+                f"{gpus} GPU(s)); the cluster has {ray.available_resources()} free") from None
         return ray.get(actor.rewrite.remote(config, prompts))
     except RayTaskError as err:
         if isinstance(err.cause, (EnhancerModelNotFound, ValueError)):

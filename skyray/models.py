@@ -95,6 +95,13 @@ def family_of(model: str) -> ModelFamily:
     """Family of a model reference without loading weights (reads transformer/config.json for folders)."""
     if model == TINY:
         return FAMILIES["tiny"]
+    if "://" in model:
+        from skyray.output.location import OutputLocation
+
+        data = OutputLocation(model).read_bytes("transformer/config.json")
+        if data is None:
+            raise ValueError(f"model {OutputLocation(model).redacted!r} has no transformer/config.json")
+        return family_from_config(json.loads(data))
     path = TINY_TRAINED_DIR if model == TINY_TRAINED else Path(model)
     cfg_path = path / "transformer" / "config.json"
     if cfg_path.is_file():
@@ -166,14 +173,60 @@ def build_tiny() -> Components:
 # ------------------------------------------------------------------------------------------------------- folders
 
 
+def _is_hub_id(model: str) -> bool:
+    return "/" in model and not model.startswith((".", "/", "~")) and model.count("/") == 1 and "://" not in model
+
+
+def local_model_folder(model: str) -> str | None:
+    """The folder a ``model:`` names on this machine's disk, or None when every node finds the model by itself
+    (the built-in models, a hub id, an object-store URI)."""
+    if model in (TINY, TINY_TRAINED) or "://" in model:
+        return None
+    path = Path(model).expanduser()
+    if _is_hub_id(model) and not path.exists():
+        return None
+    return str(path.resolve())
+
+
+def fetch_model_uri(uri: str) -> Path:
+    """Copy a diffusers folder from an object store (``s3://bucket/models/x``) to this node's cache, once."""
+    import hashlib
+    import os
+
+    import pyarrow.fs as pafs
+
+    from skyray.output.location import redact
+
+    cache = Path(os.environ.get("SKYRAY_MODEL_CACHE", Path.home() / ".cache" / "skyray" / "models"))
+    dest = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (dest / ".complete").is_file():
+        return dest
+    fs, root = pafs.FileSystem.from_uri(uri)
+    root = root.rstrip("/")
+    files = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
+    if not files:
+        raise FileNotFoundError(f"model {redact(uri)!r}: no files at that URI")
+    for f in files:
+        out = dest / f.path[len(root) + 1 :]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(f.path) as src, open(out, "wb") as w:
+            for chunk in iter(lambda: src.read(8 << 20), b""):
+                w.write(chunk)
+    (dest / ".complete").write_text(redact(uri))
+    return dest
+
+
 def resolve_model_path(model: str) -> Path:
-    """A local diffusers folder for ``model``: the folder itself, or a hub snapshot downloaded once."""
+    """A local diffusers folder for ``model``: the folder itself, a hub snapshot or an object-store copy, fetched
+    once per node."""
     if model == TINY_TRAINED:
         return TINY_TRAINED_DIR
+    if "://" in model:
+        return fetch_model_uri(model)
     path = Path(model).expanduser()
     if path.exists():
         return path
-    if "/" in model and not model.startswith((".", "/", "~")) and model.count("/") == 1:
+    if _is_hub_id(model):
         try:
             from huggingface_hub import snapshot_download
 

@@ -48,3 +48,44 @@ def ray_session():
         ray.init(num_cpus=2, resources={EMULATED_SLOT: 64}, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto in server mode) on 127.0.0.1: ``(endpoint, make_uri)``."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import pyarrow.fs as pafs
+
+    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"127.0.0.1:{port}"
+
+    def uri(bucket: str, prefix: str, secret: str = "test-secret") -> str:
+        # Credentials ride in the URI's user info, the form pyarrow.fs understands; manifests show it redacted.
+        return (f"s3://test:{secret}@{bucket}/{prefix}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+                f"&allow_bucket_creation=true")
+
+    t0 = time.monotonic()
+    while True:
+        try:
+            fs, _ = pafs.FileSystem.from_uri(uri("probe", "x"))
+            fs.create_dir("probe")
+            break
+        except Exception:
+            if time.monotonic() - t0 > 60 or proc.poll() is not None:
+                proc.kill()
+                raise
+            time.sleep(0.3)
+    yield endpoint, uri
+    proc.terminate()
+    proc.wait(timeout=30)

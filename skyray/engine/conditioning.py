@@ -6,6 +6,8 @@ mode, as the reference does) normalised with the VAE's per-channel mean and std.
 
 from __future__ import annotations
 
+import io
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +38,12 @@ def encode_pixels(vae, video: torch.Tensor) -> torch.Tensor:
     return (raw - mean) / std
 
 
-def load_image(path: str | Path) -> Image.Image:
-    return Image.open(path).convert("RGB")
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """An image from a path or from the file's bytes (what a remote worker receives)."""
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source).convert("RGB")
 
 
-def encode_image(vae, image: Image.Image | str | Path, height: int, width: int) -> torch.Tensor:
+def encode_image(vae, image: Image.Image | str | Path | bytes, height: int, width: int) -> torch.Tensor:
     """One image -> one latent frame [1, 16, 1, H/8, W/8] (resized to the film's size first)."""
     if not isinstance(image, Image.Image):
         image = load_image(image)
@@ -48,11 +51,17 @@ def encode_image(vae, image: Image.Image | str | Path, height: int, width: int) 
     return encode_pixels(vae, pixels.unsqueeze(2))
 
 
-def read_video(path: str | Path, last: int | None = None) -> list[Image.Image]:
-    """Frames of a video file (only the last ``last`` kept, so long clips are not held whole)."""
+def read_video(source: str | Path | bytes, last: int | None = None) -> list[Image.Image]:
+    """Frames of a video file or its bytes (only the last ``last`` kept, so long clips are not held whole)."""
+    if isinstance(source, bytes):
+        # ffmpeg reads a file: this process's own temporary copy, gone when read.
+        with tempfile.NamedTemporaryFile(suffix=".video") as f:
+            f.write(source)
+            f.flush()
+            return read_video(f.name, last)
     import imageio_ffmpeg
 
-    reader = imageio_ffmpeg.read_frames(str(path))
+    reader = imageio_ffmpeg.read_frames(str(source))
     meta = next(reader)
     w, h = meta["size"]
     frames: list[Image.Image] = []
@@ -64,7 +73,7 @@ def read_video(path: str | Path, last: int | None = None) -> list[Image.Image]:
 
 
 def encode_video_tail(
-    vae, frames: list[Image.Image] | str | Path, overlap_history: int, prefix: int, height: int, width: int
+    vae, frames: list[Image.Image] | str | Path | bytes, overlap_history: int, prefix: int, height: int, width: int
 ) -> torch.Tensor:
     """The last ``prefix`` latents of the clip's tail, encoded as a fresh sequence.
 

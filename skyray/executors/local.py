@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from skyray.engine.handoff import Handoff, WindowOutput
-from skyray.executors.base import Executor, WindowMeta
+from skyray.engine.handoff import Handoff
+from skyray.executors.base import Executor, WindowError, WindowMeta
 from skyray.executors.worker import WindowJob, Worker
-from skyray.output.chain_writer import ChainWriter, load_handoff
+from skyray.output.artifacts import ShotArtifacts, read_handoff, window_checkpoint
+from skyray.output.chain_writer import ChainWriter
+from skyray.scheduler import Failure
+
+
+@dataclass(frozen=True)
+class LocalHandle:
+    meta: WindowMeta
+    checkpoint: bytes
+    handoff: Handoff
+
+
+def checkpoint_meta(job: WindowJob, meta: WindowMeta) -> dict:
+    """What a window checkpoint says about itself (the resume check reads ``hash``)."""
+    return {"hash": job.key, "shot": job.shot_id, "window": job.window.index, "seconds": round(meta.seconds, 3),
+            "forwards": meta.forwards, "worker": meta.worker}
+
+
+def render_to_checkpoint(worker: Worker, job: WindowJob, handoff: Any) -> tuple[bytes, Handoff, WindowMeta]:
+    """Render one window; its checkpoint bytes, its hand-off and its metadata (shared by every executor)."""
+    if isinstance(handoff, bytes):
+        handoff = read_handoff(handoff)
+    out = worker.render_window(job, handoff)
+    meta = WindowMeta(out.shot_id, out.index, out.seconds, out.forwards, out.worker)
+    return window_checkpoint(out, checkpoint_meta(job, meta)), out.handoff, meta
 
 
 class LocalExecutor(Executor):
@@ -17,39 +42,49 @@ class LocalExecutor(Executor):
         self.worker = Worker(model, device, name="local", offload=offload)
         self._writers: dict[int, ChainWriter] = {}
 
-    def submit(self, group: int, job: WindowJob, handoff: Any) -> tuple[WindowOutput, Handoff]:
-        if isinstance(handoff, str):
-            handoff = load_handoff(handoff)
-        out = self.worker.render_window(job, handoff)
-        return out, out.handoff
+    def submit(self, group: int, job: WindowJob, handoff: Any) -> LocalHandle:
+        try:
+            ckpt, hand, meta = render_to_checkpoint(self.worker, job, handoff)
+        except Exception as err:  # in one process nothing is lost by accident: the same input fails again
+            raise WindowError((job.shot_id, job.window.index), err, Failure.FATAL) from err
+        return LocalHandle(meta, ckpt, hand)
 
-    def wait_any(self, handles: list[Any]) -> Any:
-        return handles[0]
+    def wait_any(self, handles: list[Any], timeout: float | None = None) -> Any:
+        return handles[0] if handles else None
 
-    def meta(self, handle) -> WindowMeta:
-        out = handle[0]
-        return WindowMeta(out.shot_id, out.index, out.seconds, out.forwards, out.worker)
+    def result(self, handle: LocalHandle) -> tuple[WindowMeta, bytes]:
+        return handle.meta, handle.checkpoint
 
-    def handoff(self, handle) -> Handoff:
-        return handle[1]
+    def handoff(self, handle: LocalHandle) -> Handoff:
+        return handle.handoff
 
-    def open_chain(self, chain: int, width: int, height: int, fps: int, shots_dir: str) -> None:
-        self._writers[chain] = ChainWriter(self.worker.components.vae, shots_dir, width, height, fps)
+    def open_chain(self, chain: int, width: int, height: int, fps: int) -> None:
+        if chain not in self._writers:
+            self._writers[chain] = ChainWriter(self.worker.components.vae, width, height, fps)
 
-    def begin_shot(self, chain, shot_id, parent, parent_tail, save_latents) -> None:
-        tail = load_handoff(parent_tail).tail if parent_tail else None
-        self._writers[chain].begin(shot_id, parent, tail, save_latents)
+    def begin_shot(self, chain, shot_id, parent, history, keep_history) -> None:
+        self._writers[chain].begin(shot_id, parent, history, keep_history)
 
-    def add_window(self, chain, shot_id, handle, checkpoint, meta) -> None:
-        if isinstance(handle, str):
-            self._writers[chain].add(shot_id, handle)
-        else:
-            self._writers[chain].add(shot_id, handle[0], handle[1], checkpoint, meta)
+    def add_window(self, chain, shot_id, window) -> None:
+        self._writers[chain].add(shot_id, window if isinstance(window, bytes) else window.checkpoint)
+
+    def finish_shot(self, chain, shot_id, keep_state) -> ShotArtifacts:
+        return self._writers[chain].finish(shot_id, keep_state)
+
+    def has_state(self, chain: int, shot_id: str) -> bool:
+        return chain in self._writers and self._writers[chain].has_state(shot_id)
+
+    def forget_state(self, chain: int, shot_id: str) -> None:
+        self._writers[chain].forget(shot_id)
 
     def abort_open(self) -> None:
         for w in self._writers.values():
             w.abort_all()
 
-    def finish_shot(self, chain, shot_id, keep_state):
-        return self._writers[chain].finish(shot_id, keep_state)
+    def reset_writers(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers.clear()
 
+    def shutdown(self) -> None:
+        self.reset_writers()

@@ -25,7 +25,7 @@ def cpu_threads() -> int:
 
 @dataclass(frozen=True)
 class WindowJob:
-    """Everything a worker needs to render one window (no tensors: cheap to send anywhere)."""
+    """Everything a worker needs to render one window (no tensors, no paths: cheap to send to any node)."""
 
     shot_id: str
     window: WindowShape
@@ -37,10 +37,12 @@ class WindowJob:
     height: int
     width: int
     handoff_latents: int
-    image: str | None = None  # first window of an I2V shot
-    end_image: str | None = None  # last window of a shot with end-frame control
-    video: str | None = None  # first window of a video extension
+    # Input files travel as their bytes, read once by the driver: a path is only valid on the node that has it.
+    image: bytes | None = None  # first window of an I2V shot
+    end_image: bytes | None = None  # last window of a shot with end-frame control
+    video: bytes | None = None  # first window of a video extension
     overlap_history: int = 17
+    key: str = ""  # the shot's content hash: written into the window's checkpoint, checked on resume
 
 
 class Worker:

@@ -163,7 +163,7 @@ def _copy_parent_shots(parent: Job, plan: FilmPlan, job_dir: Path, options: Serv
     for s in plan.shots:
         if s.id == job_dir.name:
             continue
-        for name in (f"{s.id}.mp4", f"{s.id}.json", f"{s.id}.tail.safetensors"):
+        for name in (f"{s.id}.mp4", f"{s.id}.json", f"{s.id}.tail.safetensors", f"{s.id}.safetensors"):
             if (src / name).is_file():
                 _link_or_copy(src / name, dst / name)
 

@@ -13,8 +13,6 @@ cheap next to a window's sampling.
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import threading
 import time
@@ -25,112 +23,28 @@ from typing import Any
 
 from ray import serve
 
-from skyray.executors.local import LocalExecutor
-from skyray.executors.ray import RayExecutor
 from skyray.serve.options import ServeOptions
 from skyray.serve.store import CANCELLED, DONE, FAILED, INTERRUPTED, RUNNING, STALE, JobStore
+from skyray.session import RenderSession, SessionConfig
 
 log = logging.getLogger("skyray.serve")
 WINDOW_BUCKETS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320, 640]
 
 
-class ReplicaExecutor(LocalExecutor):
-    """The local executor, kept warm across jobs: remembers each window's last latent (for previews) and can
-    close the clips a stopped render left open (``render_film`` leaves them to its executor)."""
+def replica_session(model: str, ranks: int, use_gpu: bool, device: str | None) -> RenderSession:
+    """A replica's render session: in-process for one GPU; for a group of several, rank actors in the replica's
+    own placement group (one per bundle) split every forward (CFG and/or Ulysses)."""
+    if ranks <= 1:
+        return RenderSession(SessionConfig(model, executor="local", device=device, progress=False))
+    from ray.util import get_current_placement_group
 
-    def __init__(self, model: str, device: str | None = None) -> None:
-        super().__init__(model, device)
-        self.last_latent = None
-        self._open: set[tuple[int, str]] = set()
+    from skyray.engine.parallel import ParallelConfig
+    from skyray.models import family_of
 
-    def begin_shot(self, chain, shot_id, parent, parent_tail, save_latents) -> None:
-        super().begin_shot(chain, shot_id, parent, parent_tail, save_latents)
-        self._open.add((chain, shot_id))
-
-    def add_window(self, chain, shot_id, handle, checkpoint, meta) -> None:
-        super().add_window(chain, shot_id, handle, checkpoint, meta)
-        if not isinstance(handle, str):
-            self.last_latent = handle[0].latents[:, :, -1:]
-
-    def finish_shot(self, chain, shot_id, keep_state):
-        self._open.discard((chain, shot_id))
-        return super().finish_shot(chain, shot_id, keep_state)
-
-    def abort_open(self) -> None:
-        for chain, shot_id in self._open:
-            self._writers[chain].abort(shot_id)
-        self._open.clear()
-
-    def reset(self) -> None:
-        """Forget the last film (its chain writers keep decoder state for continuing shots)."""
-        self.abort_open()
-        self._writers.clear()
-        self.last_latent = None
-
-    def preview(self, size: int) -> str | None:
-        """The last window's last latent as a base64 JPEG at most ``size`` pixels a side."""
-        if self.last_latent is None or size <= 0:
-            return None
-        return preview_jpeg(self.worker.components.vae, self.last_latent, size)
-
-
-def preview_jpeg(vae, latent, size: int) -> str:
-    """One latent decoded on its own (no causal context) as a base64 JPEG at most ``size`` pixels a side."""
-    from PIL import Image
-
-    from skyray.engine.decode import StreamingDecoder
-
-    frame = StreamingDecoder(vae).push(latent)[-1]
-    im = Image.fromarray(frame)
-    im.thumbnail((size, size))
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=80)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-class GroupReplicaExecutor(RayExecutor):
-    """A replica whose group has several ranks: rank actors in the replica's own placement group (one per
-    bundle) split every forward (CFG and/or Ulysses); the replica drives them and keeps a VAE for previews."""
-
-    def __init__(self, model: str, ranks: int, use_gpu: bool) -> None:
-        from ray.util import get_current_placement_group
-
-        from skyray.engine.parallel import ParallelConfig
-        from skyray.models import family_of
-
-        layout = ParallelConfig.auto(ranks, family_of(model).heads, guidance=True)
-        super().__init__(model, groups=1, gpus_per_group=ranks, parallel=layout, use_gpu=use_gpu, max_writers=1,
-                         progress=False, placement_group=get_current_placement_group())
-        self._last_out = None
-        self._vae = None
-
-    def add_window(self, chain, shot_id, handle, checkpoint, meta) -> None:
-        super().add_window(chain, shot_id, handle, checkpoint, meta)
-        if not isinstance(handle, str):
-            self._last_out = handle.out
-
-    def reset(self) -> None:
-        """Forget the last film: its writers (and their decoder state) go; the group stays warm."""
-        import ray
-
-        self.abort_open()
-        for w in self._writers.values():
-            ray.kill(w)
-        self._writers.clear()
-        self._chain_writer.clear()
-        self._pending_adds.clear()
-        self._last_out = None
-
-    def preview(self, size: int) -> str | None:
-        if self._last_out is None or size <= 0:
-            return None
-        import ray
-
-        from skyray import models
-
-        if self._vae is None:
-            self._vae = models.load_vae(self.model, "cpu")
-        return preview_jpeg(self._vae, ray.get(self._last_out).latents[:, :, -1:], size)
+    layout = ParallelConfig.auto(ranks, family_of(model).heads, guidance=True)
+    return RenderSession(SessionConfig(model, executor="ray", groups=1, gpus_per_group=ranks, layout=layout,
+                                       writers=1, progress=False, use_gpu=use_gpu,
+                                       placement_group=get_current_placement_group()))
 
 
 class JobProgress:
@@ -170,14 +84,14 @@ class JobProgress:
             self.done[event["shot"]] = self.windows[event["shot"]]
 
 
-def run_job(store: JobStore, job_id: str, attempt: int, executor: ReplicaExecutor, jobs_dir: Path,
+def run_job(store: JobStore, job_id: str, attempt: int, session: RenderSession, jobs_dir: Path,
             preview_size: int = 256, metrics: dict[str, Any] | None = None,
             stopping: Callable[[], bool] = lambda: False) -> str:
     """Render one attempt of a job; returns its final status ('done', 'failed', 'cancelled'), 'stale' (a newer
     attempt owns the job) or 'interrupted' (``stopping()``: this replica is shutting down; the job stays running
     until the dispatcher, or a restarted ingress, queues it again)."""
     from skyray.plan import compile_plan
-    from skyray.render import RenderCancelled, render_film
+    from skyray.render import RenderCancelled
     from skyray.storyboard import storyboard_from_data
 
     job = store.get(job_id)
@@ -194,10 +108,8 @@ def run_job(store: JobStore, job_id: str, attempt: int, executor: ReplicaExecuto
         store.finish(job_id, attempt, FAILED, f"cannot plan the job: {exc}")
         return FAILED
     try:
-        from skyray.enhance import enhance_before_render
-
         # Shots asking for it get their prompts rewritten first, by an enhancer actor of its own (cached).
-        sb, plan = enhance_before_render(sb, plan, use_ray=True, quiet=True)
+        sb, plan = session.prepare(sb, plan)
     except Exception as exc:
         store.finish(job_id, attempt, FAILED, f"prompt enhancer: {exc}")
         return FAILED
@@ -214,7 +126,7 @@ def run_job(store: JobStore, job_id: str, attempt: int, executor: ReplicaExecuto
             if metrics:
                 metrics["window_seconds"].observe(float(event["seconds"]))
             try:
-                jpeg = executor.preview(preview_size)
+                jpeg = session.preview(preview_size)
             except Exception:  # a preview is a nicety; never fail a render for it
                 log.exception("preview failed for job %s", job_id)
                 jpeg = None
@@ -234,10 +146,10 @@ def run_job(store: JobStore, job_id: str, attempt: int, executor: ReplicaExecuto
                        (kind, data) if data is not None else None)
 
     t0 = time.perf_counter()
-    executor.reset()
     try:
-        render_film(plan, out, executor, on_event=on_event,
-                    should_stop=lambda: stopping() or store.should_stop(job_id, attempt))
+        # Every shot keeps its decode history: a later job may continue any of them exactly.
+        session.render(plan, out, on_event=on_event, keep_history=True,
+                       should_stop=lambda: stopping() or store.should_stop(job_id, attempt))
     except RenderCancelled:
         if stopping():
             return INTERRUPTED
@@ -253,8 +165,6 @@ def run_job(store: JobStore, job_id: str, attempt: int, executor: ReplicaExecuto
         status, error = FAILED, f"{exc.__class__.__name__}: {exc}"
     else:
         status, error = DONE, None
-    finally:
-        executor.reset()
     log.info("job %s attempt %d: %s in %.1f s", job_id, attempt, status, time.perf_counter() - t0)
     if not store.finish(job_id, attempt, status, error):
         return STALE
@@ -284,10 +194,8 @@ class Renderer:
         self.store = JobStore(options.store_target, ttl_s=options.ttl_s)
         self._stopping = threading.Event()
         # Loaded once, reused by every job.
-        if options.ranks_per_replica > 1:
-            self.executor = GroupReplicaExecutor(model, options.ranks_per_replica, use_gpu=options.gpus_per_replica > 0)
-        else:
-            self.executor = ReplicaExecutor(model, options.device)
+        self.session = replica_session(model, options.ranks_per_replica, options.gpus_per_replica > 0, options.device)
+        self.session.executor  # noqa: B018 - load the model now, not on the first job
         tags = {"model": model}
         self.metrics = {
             "window_seconds": metrics.Histogram(
@@ -300,7 +208,7 @@ class Renderer:
             m.set_default_tags(tags)
 
     def render(self, job_id: str, attempt: int) -> str:
-        return run_job(self.store, job_id, attempt, self.executor, self.options.jobs_dir, self.options.preview_size,
+        return run_job(self.store, job_id, attempt, self.session, self.options.jobs_dir, self.options.preview_size,
                        self.metrics, self._stopping.is_set)
 
     def __del__(self) -> None:

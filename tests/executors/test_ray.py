@@ -142,3 +142,24 @@ def test_group_of_two_ranks_equals_local_and_survives_a_dead_rank(plan, referenc
     assert manifest["film"]["frames"] == plan.frames
     if cfg:
         assert ex.recoveries == 1
+
+
+def test_an_error_that_recurs_fails_at_once_without_rebuilding_the_group(plan, ray_session):
+    from skyray.executors.base import WindowError
+    from skyray.executors.ray import RayExecutor
+    from skyray.render import shot_jobs
+    from skyray.scheduler import Failure
+
+    ex = RayExecutor("tiny", groups=1, progress=False)
+    try:
+        job = shot_jobs(plan, plan.shot("b"), 2)[0]  # b continues a: its first window needs a hand-off...
+        h = ex.submit(0, job, None)  # ...and gets none: the worker refuses, and would every time
+        with pytest.raises(WindowError) as err:
+            while ex.wait_any([h], timeout=5) is None:
+                pass
+        assert err.value.failure is Failure.FATAL
+        assert "handed-off latents" in str(err.value.cause)
+        assert ex.recoveries == 0 and ex.ready_groups() == []
+        assert ex.wait_any([ex.submit(0, shot_jobs(plan, plan.shot("c"), 2)[0], None)], timeout=300)  # still alive
+    finally:
+        ex.shutdown()

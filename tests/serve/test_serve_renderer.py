@@ -15,14 +15,14 @@ from serve_helpers import SMALL
 from skyray.output.encode import probe
 from skyray.serve.admission import admit_shot
 from skyray.serve.options import ServeOptions
-from skyray.serve.renderer import ReplicaExecutor, run_job
+from skyray.serve.renderer import replica_session, run_job
 from skyray.serve.schema import ShotRequest
 from skyray.serve.store import CANCELLED, DONE, INTERRUPTED, QUEUED, RUNNING, STALE, JobStore
 
 
 @pytest.fixture(scope="module")
 def executor():
-    return ReplicaExecutor("tiny", "cpu")
+    return replica_session("tiny", 1, False, "cpu")
 
 
 class HookedStore(JobStore):
