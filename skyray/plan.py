@@ -256,11 +256,12 @@ def fit_memory(
     branches sequentially; one whose ``cfg_batch: true`` was written out is an error saying so, and a shot that
     fits in neither mode is an error too, raised before anything loads.
     """
-    from skyray.models import family_of
+    from skyray import models
 
     sb = storyboard
+    folder = str(models.TINY_TRAINED_DIR) if sb.model == models.TINY_TRAINED else sb.model
     lay = memory.Layout(layout.ulysses, layout.ring, bool(layout.cfg)) if layout is not None else memory.Layout()
-    spec = memory.ModelSpec.of_model(sb.model, family_of(sb.model))
+    spec = memory.ModelSpec.of_model(folder, models.family_of(sb.model))
     budget = int(gpu_memory_gib * memory.GiB)
     shots, estimates, sequential = [], [], []
     for s in plan.shots:

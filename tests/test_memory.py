@@ -109,3 +109,26 @@ def test_sequential_cfg_halves_activations_and_ulysses_splits_them() -> None:
     assert split.activations < batched.activations / 8 * 1.3  # Ulysses adds the all-to-all buffers
     assert parallel.text_cache * 2 == alone.text_cache  # a CFG-parallel rank holds its branch's text only
     assert memory.estimate(spec, 720, 1280, 31, causal_block_size=5).attention > 0
+
+
+def test_a_custom_folder_is_sized_from_its_own_configs(tmp_path, tiny) -> None:
+    import json
+
+    from skyray import models
+
+    folder = tmp_path / "custom"
+    models.export(tiny, folder)
+    cfg_path = folder / "transformer" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["num_layers"] = 3  # no longer the tiny family: a "custom" one, sized from the folder
+    cfg_path.write_text(json.dumps(cfg))
+    family = models.family_of(str(folder))
+    assert family.name == "custom"
+    spec = memory.ModelSpec.of_model(str(folder), family)
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    with torch.device("meta"):
+        model = SkyReelsV2Transformer3DModel.from_config(SkyReelsV2Transformer3DModel.load_config(folder / "transformer"))
+    assert spec.transformer_params() == _split(model)
+    assert spec.text_encoder.params == sum(p.numel() for p in tiny.text_encoder.parameters())
+    assert spec.vae_base_dim == 3 and spec.vae_params < 10 * memory.TINY_VAE_PARAMS
