@@ -333,9 +333,11 @@ def create_api(service: "Ingress") -> FastAPI:
                       dispatcher=alive)
         return JSONResponse(body.model_dump(), 200 if alive else 503)
 
+    from skyray.serve.studio import add_studio
     from skyray.serve.videos import add_videos_api
 
     add_videos_api(app, service, accept)  # /v1/videos: the OpenAI Videos API over the same jobs
+    add_studio(app, service)  # the page at / and what it needs: /v1/plan, shot clips, signed media URLs
     return app
 
 
