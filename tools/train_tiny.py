@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from skyray import models  # noqa: E402
 from skyray.training import train  # noqa: E402
 
+STAGES = ("vae", "transformer")
+
 
 def loss_plot(curves: dict[str, list[float]], path: Path, size: tuple[int, int] = (640, 360)) -> None:
     """Log-scale loss curves (smoothed over 25 steps) as a PNG, drawn with PIL (no plotting dependency)."""
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (a diffusers model folder)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--stages", default=",".join(STAGES), help="vae,transformer (default: both, one after the other)")
     p.add_argument("--evaluate", action="store_true", help="after training, measure quality (metrics.json)")
     p.add_argument("--evaluate-only", action="store_true", help="only measure an existing --out folder")
     defaults = train.TrainConfig()
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.evaluate_only:
         cfg = train.TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(train.TrainConfig)
                                    if hasattr(args, f.name)})
-        train_model(cfg, out, args.threads)
+        train_model(cfg, out, args.threads, tuple(args.stages.split(",")))
     if args.evaluate or args.evaluate_only:
         from skyray.training.evaluate import evaluate
 
@@ -85,46 +88,67 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train_model(cfg: train.TrainConfig, out: Path, threads: int) -> None:
+MODEL_INDEX = {
+    "_class_name": "SkyReelsV2DiffusionForcingPipeline",
+    "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+    "text_encoder": ["transformers", "UMT5EncoderModel"],
+    "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+    "transformer": ["diffusers", "SkyReelsV2Transformer3DModel"],
+    "vae": ["diffusers", "AutoencoderKLWan"],
+}
+
+
+def train_model(cfg: train.TrainConfig, out: Path, threads: int, stages: tuple[str, ...] = STAGES) -> None:
+    """Train ``stages`` into ``out``. The VAE and the transformer only share the latent code (fixed, see
+    ``train.pooled_target``), so the two stages may also run as two processes writing the same folder."""
+    import diffusers
+    from diffusers import UniPCMultistepScheduler
+    from PIL import Image
+
     def progress(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
     log = train.TrainLog()
-    vae = train.train_vae(cfg, log, progress)
-    from PIL import Image
-
-    out.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(train.reconstruction_sheet(vae, cfg)).save(out / "vae_reconstruction.png")
-    clips = train.encode_clips(vae, cfg, log, progress)
-    tokenizer, text_encoder, transformer = train.train_transformer(clips, cfg, log, progress)
-    vae = train.with_latent_stats(vae, log.latents_mean, log.latents_std)
-    from diffusers import UniPCMultistepScheduler
-
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
-    comps = models.Components(
-        tokenizer, text_encoder, transformer, vae, scheduler,
-        models.family_from_config(dict(transformer.config)), str(out),
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    models.export(comps, out)
-    log.seconds["total"] = time.time() - start
-    summary = {
-        "config": train.config_dict(cfg),
-        "threads": threads,
-        "torch": torch.__version__,
-        "seconds": log.seconds,
-        "vae_loss_last100": log.tail_mean("vae_loss"),
-        "loss_last100": log.tail_mean("loss"),
-        "latents_mean": log.latents_mean,
-        "latents_std": log.latents_std,
-        "vae_loss": [round(v, 5) for v in log.vae_loss],
-        "loss": [round(v, 5) for v in log.loss],
-    }
-    (out / "training.json").write_text(json.dumps(summary) + "\n")
-    loss_plot({"VAE (L1 + MSE)": log.vae_loss, "transformer (flow matching MSE)": log.loss}, out / "loss.png")
-    (out / "SHA256SUMS").write_text(sha256sums(out))
-    progress(f"wrote {out} in {log.seconds['total']:.0f} s")
+    clips = train.encode_clips(cfg, log, progress)
+    summary = {"config": train.config_dict(cfg), "torch": torch.__version__,
+               "latents_mean": log.latents_mean, "latents_std": log.latents_std}
+    if "vae" in stages:
+        vae = train.train_vae(cfg, log, progress)
+        vae = train.with_latent_stats(vae, log.latents_mean, log.latents_std)
+        vae.save_pretrained(out / "vae")
+        Image.fromarray(train.reconstruction_sheet(vae, cfg)).save(out / "vae_reconstruction.png")
+        summary.update({
+            "vae_seconds": log.seconds["vae"], "vae_threads": threads,
+            "vae_loss_last100": log.tail_mean("vae_loss"), "vae_code_loss_last25": log.tail_mean("vae_code_loss", 25),
+            "vae_loss": [round(v, 5) for v in log.vae_loss],
+            "vae_code_loss": [round(v, 5) for v in log.vae_code_loss],
+        })
+    if "transformer" in stages:
+        tokenizer, text_encoder, transformer = train.train_transformer(clips, cfg, log, progress)
+        tokenizer.save_pretrained(out / "tokenizer")
+        text_encoder.save_pretrained(out / "text_encoder")
+        transformer.save_pretrained(out / "transformer")
+        UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0).save_pretrained(
+            out / "scheduler"
+        )
+        summary.update({
+            "transformer_seconds": log.seconds["transformer"], "transformer_threads": threads,
+            "loss_last100": log.tail_mean("loss"), "loss": [round(v, 5) for v in log.loss],
+        })
+    summary_path = out / "training.json"  # read only now: the other stage may have written it meanwhile
+    summary = {**(json.loads(summary_path.read_text()) if summary_path.is_file() else {}), **summary}
+    summary_path.write_text(json.dumps(summary) + "\n")
+    if all((out / part).is_dir() for part in models.REQUIRED_PARTS):
+        (out / "model_index.json").write_text(
+            json.dumps({**MODEL_INDEX, "_diffusers_version": diffusers.__version__}, indent=2) + "\n"
+        )
+        if "vae_loss" in summary and "loss" in summary:
+            loss_plot({"VAE reconstruction (L1 + MSE)": summary["vae_loss"],
+                       "transformer (flow matching MSE)": summary["loss"]}, out / "loss.png")
+        (out / "SHA256SUMS").write_text(sha256sums(out))
+    progress(f"wrote {', '.join(stages)} to {out} in {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":
