@@ -40,9 +40,11 @@ TEXT_TOKENS = 512
 ACT_FFN_BASE = 10.2
 ACT_FFN_PER_RATIO = 4.0
 ACT_ATTENTION = 26.2
-# Ulysses' all-to-all holds the send and receive buffers of q, k and v (and their reordered copy) while the
-# originals are alive: 3 more bf16 copies of [B, n, dim] than one rank's attention (from the code, not measured).
-ACT_ULYSSES_EXTRA = 6.0
+# Ulysses' all-to-all holds the send and receive buffers of q, k and v while the originals are alive.  Measured
+# with gloo over 2 ranks at the 14B ffn/dim ratio: 30.3 B/elem in the attention phase (at the 1.3B widths the
+# FFN stays the peak, 33.7).  One run out of several saw 42.3 on one of the two ranks, which we take to be gloo's
+# own staging buffers (NCCL keeps its buffers outside torch's allocator); the GPU check will tell.
+ACT_ULYSSES_EXTRA = 4.2
 # What the CUDA runtime holds outside torch's tensors (context, cuBLAS/cuDNN workspaces) plus allocator rounding.
 RUNTIME_BYTES = int(0.75 * GiB)
 # Wan VAE decoder: peak bytes per output pixel while decoding one latent (4 frames) at base_dim 96, its causal
