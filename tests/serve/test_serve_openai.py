@@ -157,3 +157,16 @@ def test_errors_have_openai_shape(serve_env, oai):
 
 def TOKEN_B_client(serve_env) -> openai.OpenAI:
     return openai.OpenAI(api_key=TOKEN_B, base_url=f"{serve_env.base_url}/v1", max_retries=0)
+
+
+def test_a_whole_storyboard_through_extra_body(oai):
+    storyboard = (
+        "title: two shots\nresolution: 32x32\nfps: 8\nseed: 2\n"
+        "defaults: {steps: 2, base_num_frames: 17, overlap_history: 5}\n"
+        "shots:\n  - {id: a, prompt: a harbor, frames: 9}\n  - {id: b, continue: true, prompt: a boat, frames: 8}\n")
+    video = oai.videos.create_and_poll(prompt="a harbor", model="tiny", extra_body={"storyboard": storyboard},
+                                       poll_interval_ms=100)
+    assert (video.status, video.seconds, video.size, video.prompt) == ("completed", "2.125", "32x32", "a boat")
+    with pytest.raises(openai.BadRequestError) as err:  # its line-numbered storyboard errors, in OpenAI's shape
+        oai.videos.create(prompt="x", extra_body={"storyboard": storyboard.replace("frames: 9", "frames: 10")})
+    assert err.value.response.json()["error"]["message"].startswith("storyboard:7: shot 'a' field 'frames'")

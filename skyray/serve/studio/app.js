@@ -68,18 +68,20 @@ function selectLine(n) {
   area.setSelectionRange(start, start + (lines[n - 1] || "").length);
 }
 
+const gpu = (x) => (x >= 100 ? Math.round(x).toString() : Number(x).toPrecision(3));
+
 function showPlan(p) {
   const rows = p.shots.map((s) => el("tr", {},
     el("td", { textContent: s.id }), el("td", { textContent: s.frames }), el("td", { textContent: s.seconds }),
-    el("td", { textContent: s.windows }), el("td", { textContent: s.gpu_seconds }),
+    el("td", { textContent: s.windows }), el("td", { textContent: gpu(s.gpu_seconds) }),
     el("td", { textContent: s.continues ? `continues ${s.continues}` : "cut" })));
   const head = el("tr", {}, ...["shot", "frames", "seconds", "windows", "GPU-s", ""].map((t) => el("th", { textContent: t })));
   const total = el("tr", {}, el("th", { textContent: "total" }), el("th", { textContent: p.frames }),
-    el("th", { textContent: p.seconds }), el("th", { textContent: p.windows }), el("th", { textContent: p.gpu_seconds }),
+    el("th", { textContent: p.seconds }), el("th", { textContent: p.windows }), el("th", { textContent: gpu(p.gpu_seconds) }),
     el("th", { textContent: "" }));
   $("plan").replaceChildren(
     el("p", { id: "plan-summary", textContent: `${p.title}: ${p.width}x${p.height} @ ${p.fps} fps on ${p.model}: ` +
-      `${p.shots.length} shots, ${p.windows} windows, about ${p.gpu_seconds} GPU-seconds` }),
+      `${p.shots.length} shots, ${p.windows} windows, about ${gpu(p.gpu_seconds)} GPU-seconds` }),
     el("table", {}, head, ...rows, total),
     ...p.warnings.map((w) => el("p", { className: "error", textContent: w })));
 }
