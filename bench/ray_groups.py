@@ -40,7 +40,8 @@ class _Sink:
 
 
 def main() -> None:
-    ray.init(num_cpus=os.cpu_count(), resources={EMULATED_SLOT: 64}, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), resources={EMULATED_SLOT: 64}, include_dashboard=False,
+             log_to_driver=False)
     plan = compile_plan(parse_storyboard(FILM, tempfile.mkdtemp(), "four.yaml"))
     times, window_secs = {}, []
     for groups in (1, 2):

@@ -137,6 +137,14 @@ def stop_cluster(c: Cluster, head: subprocess.Popen) -> None:
         head.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+    # `ray start --head` left its address where a later `ray.init(address="auto")` on this machine would look.
+    current = Path("/tmp/ray/ray_current_cluster")
+    try:
+        if current.read_text().strip() == c.address or current.read_text().strip().endswith(
+                ":" + c.address.rsplit(":", 1)[1]):
+            current.unlink()
+    except OSError:
+        pass
 
 
 def unshare_problem() -> str | None:

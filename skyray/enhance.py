@@ -407,8 +407,18 @@ def _rewrite_on_ray(config: Enhancer, prompts: list[str], address: str | None,
     # Ask for what the cluster can give now: a free GPU, else the CPU (slower, but render groups that hold every
     # GPU must not make the enhancer wait for ever).
     gpus = 1 if ray.available_resources().get("GPU", 0) >= 1 else 0
+    opts: dict[str, Any] = {}
+    if Path(config.model).expanduser().is_dir():
+        # A folder on this (the driver's) machine: other nodes may not have it, so the enhancer runs here.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = ray.get_runtime_context().get_node_id()
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+        if not any(n.get("Alive") and n["NodeID"] == node and n["Resources"].get("GPU", 0) >= 1 for n in ray.nodes()):
+            gpus = 0
     actor = ray.remote(_EnhancerActor).options(
-        name=f"{ACTOR_PREFIX}{uuid.uuid4().hex[:8]}", num_cpus=1 if gpus else 0, num_gpus=gpus, max_restarts=0
+        name=f"{ACTOR_PREFIX}{uuid.uuid4().hex[:8]}", num_cpus=1 if gpus else 0, num_gpus=gpus, max_restarts=0,
+        **opts,
     ).remote()
     try:
         try:

@@ -45,7 +45,9 @@ def ray_session():
     from skyray.executors.ray import EMULATED_SLOT
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, resources={EMULATED_SLOT: 64}, include_dashboard=False, log_to_driver=False)
+        # address="local": a new Ray of our own, never a cluster another test (or `ray start`) left running
+        ray.init(address="local", num_cpus=2, resources={EMULATED_SLOT: 64}, include_dashboard=False,
+                 log_to_driver=False)
     yield ray
     ray.shutdown()
 

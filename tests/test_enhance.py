@@ -8,8 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
+from tiny_llm import save_tiny_llm
 
 from skyray.cli import main
 from skyray.enhance import (
@@ -30,13 +30,6 @@ from skyray.executors.local import LocalExecutor
 from skyray.plan import compile_plan
 from skyray.render import render_film
 from skyray.storyboard import load_storyboard, parse_storyboard
-
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# ChatML, as Qwen2.5-Instruct writes it.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 FILM = """\
 title: enhanced
@@ -72,33 +65,7 @@ shots:
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory) -> Path:
-    """A 2-layer Qwen2 with a byte-level BPE tokenizer trained here and a ChatML template, saved like a hub model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=2000, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([SYSTEM_PROMPT, FILM], trainer)  # a short chat prompt keeps generation fast
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
-    cfg = Qwen2Config(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        eos_token_id=tok.token_to_id("<|im_end|>"), pad_token_id=tok.token_to_id("<|endoftext|>"),
-        bos_token_id=None, initializer_range=0.5,  # wide weights: the text depends on the prompt
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(cfg).eval()
-    folder = tmp_path_factory.mktemp("llm")
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
+    return save_tiny_llm(tmp_path_factory.mktemp("llm"), [SYSTEM_PROMPT, FILM])
 
 
 @pytest.fixture(autouse=True)

@@ -32,6 +32,9 @@ from skyray.scheduler import Failure
 
 log = logging.getLogger("skyray.ray")
 EMULATED_SLOT = "skyray_slot"
+# Resources are waited for `start_timeout_s`; loading a model once they are there (a 14B checkpoint over a
+# network volume) may take much longer, and is not what that timeout is about.
+LOAD_TIMEOUT_S = 1800.0
 MAX_START_FAILURES = 3  # a replacement group that fails to start this often will not start
 # Errors that mean a process, node or object went away: a retry elsewhere can succeed.
 _LOST_PROCESS = (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, rex.OutOfMemoryError,
@@ -54,7 +57,7 @@ def ensure_ray(address: str | None = None, quiet: bool = False) -> None:
     try:
         ray.init(address="auto", **opts)
     except ConnectionError:
-        ray.init(resources={EMULATED_SLOT: 64}, include_dashboard=False, **opts)
+        ray.init(address="local", resources={EMULATED_SLOT: 64}, include_dashboard=False, **opts)
 
 
 def classify(err: BaseException) -> Failure:
@@ -322,7 +325,7 @@ class RayExecutor(Executor):
         try:
             if k == 1:
                 ray.get(actors[0].setup.remote(0, 1, None, None, self.guidance, {}, 0.0, 0, self.progress),
-                        timeout=self.start_timeout_s)
+                        timeout=LOAD_TIMEOUT_S)
             else:
                 # vLLM's recipe: ranks sorted by node (the driver's first) and GPU id, rendezvous on rank 0's node.
                 ranks = assign_ranks(ray.get([a.placement.remote() for a in actors]), driver_ip=node_ip())
@@ -332,7 +335,7 @@ class RayExecutor(Executor):
                 ray.get([a.setup.remote(r.rank, k, method, self.layout, self.guidance, env,
                                         self.collective_timeout_s, r.local_rank, self.progress)
                          for a, r in zip(actors, ranks)],
-                        timeout=self.start_timeout_s)
+                        timeout=LOAD_TIMEOUT_S)
         except Exception:
             for a in actors:
                 ray.kill(a, no_restart=True)

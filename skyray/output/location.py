@@ -43,6 +43,21 @@ def redact(target: str | Path) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def _retrying(put, what: str, attempts: int = 4) -> None:
+    """Run a whole-object write again when the store fails it (object stores have transient errors: a throttled
+    or dropped multipart completion); writing the same object again is harmless."""
+    import time
+
+    for i in range(attempts):
+        try:
+            put()
+            return
+        except OSError as err:
+            if i + 1 == attempts:
+                raise OSError(f"{what} failed {attempts} times: {redact(str(err))}") from None
+            time.sleep(0.5 * 2**i)
+
+
 class OutputLocation:
     """Read and write files relative to the location's root (``rel`` paths use ``/``)."""
 
@@ -82,9 +97,13 @@ class OutputLocation:
             return
         # Object stores make a finished upload visible at once, never part of one.
         path = self._path(rel)
-        self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with self._fs.open_output_stream(path) as out:
-            out.write(data)
+
+        def put() -> None:
+            self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with self._fs.open_output_stream(path) as out:
+                out.write(data)
+
+        _retrying(put, f"writing {rel} to {self.redacted}")
 
     def upload(self, rel: str, src: str | Path) -> None:
         """Copy the local file ``src`` to ``rel`` in 8 MiB pieces (clips and films can be large)."""
@@ -97,10 +116,14 @@ class OutputLocation:
                 os.replace(tmp, dest)
             return
         path = self._path(rel)
-        self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with open(src, "rb") as f, self._fs.open_output_stream(path) as out:
-            for chunk in iter(lambda: f.read(8 << 20), b""):
-                out.write(chunk)
+
+        def put() -> None:
+            self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with open(src, "rb") as f, self._fs.open_output_stream(path) as out:
+                for chunk in iter(lambda: f.read(8 << 20), b""):
+                    out.write(chunk)
+
+        _retrying(put, f"uploading {rel} to {self.redacted}")
 
     # ---------------------------------------------------------------------------------------------------- read
     def exists(self, rel: str) -> bool:

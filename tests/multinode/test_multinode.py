@@ -123,31 +123,42 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_worker_node_killed_mid_render(cluster, film, reference, tmp_path):
+def test_worker_nodes_killed_mid_render(cluster, film, reference, tmp_path):
+    """One node lost: the render goes on with the group still alive. Then the other one too: it waits (no silent
+    hang: a stated timeout) until nodes join again, places its groups there and finishes identically."""
     plan, local = reference
     out = tmp_path / "out"
     log = tmp_path / "render.log"
+
+    def checkpoints() -> int:
+        return len(list((out / "checkpoints").glob("*/*.safetensors"))) + len(list((out / "shots").glob("*.json")))
+
     proc = cluster.start_skyray("render", str(film), "--address", cluster.address, "--groups", "2", "--out",
                                 str(out), "--save-latents", "-q", log=log)
     try:
-        _wait_for(lambda: len(list((out / "checkpoints").glob("*/*.safetensors"))) >= 2, 300, "two windows")
+        _wait_for(lambda: checkpoints() >= 2, 300, "two windows")
         cluster.kill_worker("w2")
-        cluster.add_worker("w3")  # resources come back: the lost group is placed again
+        seen = checkpoints()
+        _wait_for(lambda: checkpoints() >= seen + 2, 300, "windows on the group still alive")
+        cluster.kill_worker("w1")
+        cluster.add_worker("w3")  # resources come back: the lost groups are placed again
+        cluster.add_worker("w4")
         assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        if "w2" not in cluster.workers and "w3" in cluster.workers:
-            cluster.workers["w2"] = cluster.workers.pop("w3")
+        for old, new in (("w1", "w3"), ("w2", "w4")):  # the fixture's later users expect w1 and w2
+            if old not in cluster.workers and new in cluster.workers:
+                cluster.workers[old] = cluster.workers.pop(new)
     assert_identical(plan, local, out)
     manifest = json.loads((out / "manifest.json").read_text())
     retried = [(s["id"], w["index"]) for s in manifest["shots"] for w in s["windows"] if w.get("retries")]
-    # Only what was in flight on the lost node ran again: one group there, so one window at most per retry round.
-    assert len(retried) == 1, retried
-    assert manifest["retries"] == 1
-    # The replacement group (generation 1) was placed on the node that joined and took windows again.
+    # Only what was in flight on the lost nodes ran again: one group each, so at most one window per loss.
+    assert 1 <= len(retried) <= 2, retried
+    assert manifest["retries"] == sum(w["retries"] for s in manifest["shots"] for w in s["windows"]) <= 2
+    # Replacement groups (generation 1 and up) were placed on the nodes that joined and finished the film.
     workers = {w["worker"].split("/")[0] for s in manifest["shots"] for w in s["windows"]}
-    assert any(g.endswith(".1") for g in workers), workers
+    assert any(not g.endswith(".0") for g in workers), workers
 
 
 def test_killed_writer_is_replaced_and_the_clip_is_exact(cluster, film, reference, tmp_path):
@@ -251,3 +262,28 @@ def test_s3_output_resumes_after_a_killed_driver(cluster, s3_server, film, refer
              *((back / "shots" / f"{s.id}.json").read_text() for s in plan.shots)]
     assert not [t for t in texts if secret in t]
     assert manifest["location"].startswith("s3://***@films/mn/resume")
+
+
+def test_enhancer_on_the_cluster(cluster, tmp_path):
+    """The enhancer stage joins the existing cluster; its model folder exists only on the driver's machine, so its
+    actor runs there (on a worker node it could not open the folder)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_llm import save_tiny_llm
+
+    from skyray.enhance import SYSTEM_PROMPT
+
+    llm = save_tiny_llm(tmp_path / "llm", [SYSTEM_PROMPT, "a lighthouse at night"])
+    sb = tmp_path / "film.yaml"
+    sb.write_text(f"title: e\nmodel: tiny\nresolution: 32x32\nfps: 8\nenhancer: {{model: {llm}, max_new_tokens: 8}}\n"
+                  "defaults: {steps: 2}\nshots:\n  - {id: a, prompt: a lighthouse at night, frames: 9, enhance: true}\n")
+    out = tmp_path / "film.enhanced.yaml"
+    env_cache = {"SKYRAY_CACHE_DIR": str(tmp_path / "cache")}
+    cluster.env.update(env_cache)
+    try:
+        cluster.skyray("enhance", str(sb), "--ray", "--address", cluster.address, "-o", str(out), "-q")
+    finally:
+        cluster.env.pop("SKYRAY_CACHE_DIR")
+    text = out.read_text()
+    assert "original_prompt" in text and "a lighthouse at night" in text
