@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 # Query parameters of a pyarrow.fs URI that are secrets (S3, GCS, Azure spellings).
 _SECRET_KEYS = {"access_key", "secret_key", "session_token", "access_token", "account_key", "sas_token",
@@ -41,6 +41,29 @@ def redact(target: str | Path) -> str:
     query = urlencode([(k, "***" if k.lower() in _SECRET_KEYS else v) for k, v in parse_qsl(parts.query)],
                       safe="*:")
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _filesystem(target: str):
+    """``pyarrow.fs.FileSystem.from_uri``, but S3 gets patient timeouts and retries: the SDK's 3 s request timeout
+    turns a busy store into failed uploads."""
+    import pyarrow.fs as pafs
+
+    parts = urlsplit(target)
+    if parts.scheme != "s3":
+        return pafs.FileSystem.from_uri(target)
+    q = dict(parse_qsl(parts.query))
+    known = {"region", "scheme", "endpoint_override", "allow_bucket_creation", "allow_bucket_deletion"}
+    if set(q) - known:
+        return pafs.FileSystem.from_uri(target)  # let pyarrow name what it does not understand
+    user, _, host = parts.netloc.rpartition("@")
+    key, _, secret = user.partition(":")
+    fs = pafs.S3FileSystem(
+        access_key=unquote(key) or None, secret_key=unquote(secret) or None, region=q.get("region"),
+        scheme=q.get("scheme", "https"), endpoint_override=q.get("endpoint_override"),
+        allow_bucket_creation=q.get("allow_bucket_creation", "").lower() in ("1", "true"),
+        allow_bucket_deletion=q.get("allow_bucket_deletion", "").lower() in ("1", "true"),
+        request_timeout=60, connect_timeout=10, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=6))
+    return fs, f"{host}{parts.path}"
 
 
 def _retrying(put, what: str, attempts: int = 4) -> None:
@@ -67,9 +90,7 @@ class OutputLocation:
         self.redacted = redact(self.target)
         self._scratch: Path | None = None
         if self.remote:
-            import pyarrow.fs as pafs
-
-            self._fs, self._root = pafs.FileSystem.from_uri(self.target)
+            self._fs, self._root = _filesystem(self.target)
             self._root = self._root.rstrip("/")
         else:
             self.root = Path(target)

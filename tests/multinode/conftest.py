@@ -11,7 +11,7 @@ import pytest
 from skyray.devcluster import start_cluster, stop_cluster, unshare_problem
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # gone before other modules run: nothing else may join it by accident
 def cluster(tmp_path_factory):
     why = unshare_problem()
     if why:
