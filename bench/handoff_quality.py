@@ -53,19 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, nargs="+", default=[2, 16, 64])
     p.add_argument("--addnoise", type=int, nargs="+", default=[0, 20, 50])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the bench prompts to use")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     comps = models.load(args.model, "cpu")
     keys = ["seam_mean", "seam_worst", "object_drift", "background_drift", "adherence", "last_adherence"]
-    print(f"model {args.model}; sampler {DEMO_SAMPLER}; prompts {PROMPTS}; seeds {args.seeds}")
+    prompts = PROMPTS[: args.prompts]
+    print(f"model {args.model}; sampler {DEMO_SAMPLER}; prompts {prompts}; seeds {args.seeds}")
     print(f"{'windows':>7} {'addnoise':>8} {'handoff':>7} " + " ".join(f"{k:>16}" for k in keys))
     for windows in args.windows:
         for addnoise in args.addnoise:
             t0 = time.time()
             res = {}
             for handoff in ("latent", "pixel"):
-                runs = [measure(comps, pr, windows, addnoise, handoff, s) for pr in PROMPTS for s in args.seeds]
+                runs = [measure(comps, pr, windows, addnoise, handoff, s) for pr in prompts for s in args.seeds]
                 res[handoff] = {k: float(np.mean([r[k] for r in runs])) for k in keys}
                 print(f"{windows:>7} {addnoise:>8} {handoff:>7} " + " ".join(f"{res[handoff][k]:>16.3f}" for k in keys))
             ratio = {k: res["pixel"][k] / max(res["latent"][k], 1e-6) for k in keys}

@@ -136,7 +136,7 @@ def test_video_extension_takes_its_prefix_from_the_clip(folder: Path) -> None:
 
 def test_demo_film(folder: Path) -> None:
     plan = compile_plan(load_storyboard(REPO / "storyboards" / "demo.yaml"))
-    assert (plan.width, plan.height, plan.fps, plan.seed, plan.model) == (64, 64, 8, 42, "tiny")
+    assert (plan.width, plan.height, plan.fps, plan.seed, plan.model) == (64, 64, 8, 42, "tiny-trained")
     assert [s.id for s in plan.shots] == ["opening", "drift", "cut"]
     assert [layout(s) for s in plan.shots] == [[(0, 5, 0), (2, 2, 0)], [(2, 3, 0), (2, 1, 0)], [(0, 3, 0)]]
     assert len(set(w.prompt for w in plan.shot("opening").windows)) == 2

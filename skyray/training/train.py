@@ -50,7 +50,7 @@ class TrainConfig:
     height: int = 64
     fps: int = 8
     # VAE
-    vae_steps: int = 300
+    vae_steps: int = 130
     vae_batch: int = 1  # clips of vae_frames frames per step
     vae_images: int = 8  # and single frames
     vae_encoder_every: int = 4
@@ -62,7 +62,7 @@ class TrainConfig:
     clip_latents: int = 8  # 29 frames
     turn_fraction: float = 0.5
     # transformer + text encoder
-    steps: int = 400
+    steps: int = 1000
     batch: int = 16
     lr: float = 2e-3
     warmup: int = 50
