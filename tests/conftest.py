@@ -64,7 +64,10 @@ def s3_server():
 
     import pyarrow.fs as pafs
 
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    # This venv's moto (the dev extra's), never another one on PATH: old ones fail newer SDKs' multipart uploads.
+    exe = str(Path(sys.executable).with_name("moto_server"))
+    if not Path(exe).is_file():
+        exe = shutil.which("moto_server") or exe
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

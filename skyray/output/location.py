@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -92,6 +93,9 @@ class OutputLocation:
         if self.remote:
             self._fs, self._root = _filesystem(self.target)
             self._root = self._root.rstrip("/")
+            # One upload at a time from this process (the render loop and the progress thread both write): some
+            # S3-compatible stores fail multipart uploads that complete concurrently.
+            self._lock = threading.Lock()
         else:
             self.root = Path(target)
 
@@ -124,7 +128,8 @@ class OutputLocation:
             with self._fs.open_output_stream(path) as out:
                 out.write(data)
 
-        _retrying(put, f"writing {rel} to {self.redacted}")
+        with self._lock:
+            _retrying(put, f"writing {rel} to {self.redacted}")
 
     def upload(self, rel: str, src: str | Path) -> None:
         """Copy the local file ``src`` to ``rel`` in 8 MiB pieces (clips and films can be large)."""
@@ -144,7 +149,8 @@ class OutputLocation:
                 for chunk in iter(lambda: f.read(8 << 20), b""):
                     out.write(chunk)
 
-        _retrying(put, f"uploading {rel} to {self.redacted}")
+        with self._lock:
+            _retrying(put, f"uploading {rel} to {self.redacted}")
 
     # ---------------------------------------------------------------------------------------------------- read
     def exists(self, rel: str) -> bool:
