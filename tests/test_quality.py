@@ -51,7 +51,7 @@ def test_a_known_colour_drift_is_measured():
     assert steady.object_drift < 2 and steady.background_drift < 2 and steady.area_drift < 0.1
 
     drifted = frames.astype(np.int16)
-    for k, lo in enumerate([17, 29, 41]):
+    for lo in (17, 29, 41):
         drifted[lo:] += 10  # every window 10 levels brighter than the one before
     drifted = np.clip(drifted, 0, 255).astype(np.uint8)
     report = quality.drift(drifted, [17, 12, 12, 12])
