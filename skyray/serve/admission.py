@@ -19,14 +19,13 @@ import binascii
 import copy
 import dataclasses
 import io
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from skyray.plan import FilmPlan, compile_plan
+from skyray.serve.files import JobFiles
 from skyray.serve.options import ServeOptions
 from skyray.serve.schema import SAMPLING_FIELDS, ShotRequest
 from skyray.serve.store import DONE, Job
@@ -71,9 +70,15 @@ class Admitted:
 # ------------------------------------------------------------------------------------------------------- shots
 
 
-def admit_shot(req: ShotRequest, job_id: str, job_dir: Path, options: ServeOptions, parent: Job | None) -> Admitted:
-    """Validate a shot request and prepare ``job_dir`` (inputs; for a continuation, the parent's shots)."""
+def admit_shot(req: ShotRequest, job_id: str, job_dir: Path, options: ServeOptions, parent: Job | None,
+               files: JobFiles | None = None) -> Admitted:
+    """Validate a shot request and prepare ``job_dir``, the job's local staging folder (inputs; for a
+    continuation, the parent's inputs and shots), which ``JobFiles.publish`` then moves to the job's folder."""
+    files = files or JobFiles(options.outputs_target)
     inputs = job_dir / "inputs"
+    if parent is not None:
+        # The parent's shots keep their images (a shot's record hashes them): the new job carries copies.
+        files.fetch(parent.id, "inputs", inputs)
     shot: dict[str, Any] = {"id": job_id, "prompt": req.prompt}
     for name in ("frames", "duration", "seed", *SAMPLING_FIELDS):
         value = getattr(req, name)
@@ -82,7 +87,10 @@ def admit_shot(req: ShotRequest, job_id: str, job_dir: Path, options: ServeOptio
     for name in ("image", "end_image"):
         data = getattr(req, name)
         if data is not None:
-            shot[name] = str(_write_image(data, name, inputs, options))
+            # Named relative to the job's inputs, which may live elsewhere than here; a continuation's new files
+            # are named for the job, beside the ones its ancestors' shots use.
+            stem = name if parent is None else f"{job_id}.{name}"
+            shot[name] = _write_image(data, name, inputs, options, stem).name
 
     if parent is None:
         model = _served_model(req.model, options)
@@ -105,8 +113,8 @@ def admit_shot(req: ShotRequest, job_id: str, job_dir: Path, options: ServeOptio
     _check_limits(sb, rendered, options)
     plan = _plan(sb)
     if parent is not None:
-        _check_tail(plan, job_id, parent, options)
-        _copy_parent_shots(parent, plan, job_dir, options)
+        _check_tail(plan, job_id, parent, files)
+        _copy_parent_shots(parent, plan, job_dir, files)
     windows = sum(len(s.windows) for s in plan.shots if s.id in rendered)
     return Admitted(job_id, "shot", model, film, f"shots/{job_id}.mp4", parent.id if parent else None, windows,
                     plan.shot(job_id).frames)
@@ -139,14 +147,14 @@ def _continuation(req: ShotRequest, parent: Job, shot: dict, options: ServeOptio
     return film
 
 
-def _check_tail(plan: FilmPlan, job_id: str, parent: Job, options: ServeOptions) -> None:
+def _check_tail(plan: FilmPlan, job_id: str, parent: Job, files: JobFiles) -> None:
     """The parent saved only its own hand-off length of tail latents; the new shot may not ask for more."""
     from safetensors import safe_open
 
     shot = plan.shot(job_id)
-    tail_path = options.jobs_dir / parent.id / "shots" / f"{shot.continues}.tail.safetensors"
     try:
-        with safe_open(str(tail_path), "pt") as f:
+        with files.local_file(parent.id, f"shots/{shot.continues}.tail.safetensors") as tail_path, \
+                safe_open(str(tail_path), "pt") as f:
             have = f.get_slice("tail").get_shape()[2]
     except (OSError, KeyError, IndexError) as exc:
         raise Rejected(409, f"continue_from: job {parent.id} has no saved tail latents ({exc.__class__.__name__}); "
@@ -157,23 +165,11 @@ def _check_tail(plan: FilmPlan, job_id: str, parent: Job, options: ServeOptions)
                             f"({plan.shot(shot.continues).sampling.overlap_history}) or less")
 
 
-def _copy_parent_shots(parent: Job, plan: FilmPlan, job_dir: Path, options: ServeOptions) -> None:
-    src, dst = options.jobs_dir / parent.id / "shots", job_dir / "shots"
-    dst.mkdir(parents=True, exist_ok=True)
-    for s in plan.shots:
-        if s.id == job_dir.name:
-            continue
-        for name in (f"{s.id}.mp4", f"{s.id}.json", f"{s.id}.tail.safetensors", f"{s.id}.safetensors"):
-            if (src / name).is_file():
-                _link_or_copy(src / name, dst / name)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    # Finished files are never rewritten in place (every writer renames a temporary), so a hard link is safe.
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def _copy_parent_shots(parent: Job, plan: FilmPlan, job_dir: Path, files: JobFiles) -> None:
+    names = [name for s in plan.shots if s.id != job_dir.name
+             for name in (f"{s.id}.mp4", f"{s.id}.json", f"{s.id}.tail.safetensors", f"{s.id}.safetensors")]
+    (job_dir / "shots").mkdir(parents=True, exist_ok=True)
+    files.fetch(parent.id, "shots", job_dir / "shots", names)
 
 
 # ------------------------------------------------------------------------------------------------------- films
@@ -290,8 +286,8 @@ def _check_limits(sb: Storyboard, rendered: set[str], options: ServeOptions) -> 
 _DATA_URI = re.compile(r"data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 
 
-def _write_image(data: str, name: str, inputs: Path, options: ServeOptions) -> Path:
-    """Decode a base64 image, check it, write it as ``inputs/<name>.<ext>``; returns the path."""
+def _write_image(data: str, name: str, inputs: Path, options: ServeOptions, stem: str | None = None) -> Path:
+    """Decode a base64 image, check it, write it as ``inputs/<stem or name>.<ext>``; returns the path."""
     from PIL import Image, UnidentifiedImageError
 
     m = _DATA_URI.match(data)
@@ -317,6 +313,6 @@ def _write_image(data: str, name: str, inputs: Path, options: ServeOptions) -> P
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise Rejected(422, f"{name}: not a readable PNG, JPEG or WebP image ({exc.__class__.__name__})") from None
     inputs.mkdir(parents=True, exist_ok=True)
-    path = inputs / f"{name}.{IMAGE_FORMATS[fmt]}"
+    path = inputs / f"{stem or name}.{IMAGE_FORMATS[fmt]}"
     path.write_bytes(raw)
     return path

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from skyray.serve.admission import JSON_TYPES, YAML_TYPES, Admitted, Rejected, admit_film, admit_shot
@@ -134,7 +134,7 @@ async def _send_json(send, status: int, data: dict, headers: dict[str, str] | No
 
 def create_api(service: "Ingress") -> FastAPI:
     """The FastAPI app of one ingress replica (``service`` holds the options, store and dispatcher)."""
-    options, store = service.options, service.store
+    options, store, files = service.options, service.store, service.files
     app = FastAPI(
         title="skyray",
         version="1",
@@ -206,12 +206,15 @@ def create_api(service: "Ingress") -> FastAPI:
         check_queue()
         check_quota(store, who, options)
         job_id = uuid.uuid4().hex
-        job_dir = options.jobs_dir / job_id
+        job_dir = options.jobs_dir / job_id  # local staging; ``publish`` moves it to the job's folder in ``outputs``
         try:
             admitted = await run_in_threadpool(build, job_id, job_dir)
+            await run_in_threadpool(files.publish, job_id, job_dir)
             return enqueue(who, admitted)
         except BaseException:
             await run_in_threadpool(_remove_tree, job_dir)
+            if files.remote:
+                await run_in_threadpool(files.delete, job_id)
             raise
 
     async def admit(who: str, build) -> JSONResponse:
@@ -231,7 +234,7 @@ def create_api(service: "Ingress") -> FastAPI:
             if parent is None:
                 gone(req.continue_from, who, "continue_from: ")
                 raise Rejected(422, f"continue_from: no job {req.continue_from}")
-        return await admit(who, lambda job_id, job_dir: admit_shot(req, job_id, job_dir, options, parent))
+        return await admit(who, lambda job_id, job_dir: admit_shot(req, job_id, job_dir, options, parent, files))
 
     film_body = {
         "required": True,
@@ -306,23 +309,26 @@ def create_api(service: "Ingress") -> FastAPI:
     @app.get("/v1/jobs/{job_id}/video", response_class=FileResponse, tags=["results"],
              responses={**_ERRORS, 206: {"description": "Partial content (Range)"}, 409: {"model": Problem},
                         200: {"content": {"video/mp4": {}}}})
-    def job_video(job: ThisJob) -> FileResponse:
+    def job_video(request: Request, job: ThisJob) -> Response:
         """The job's H.264 mp4 (the film, or the shot's clip); supports Range requests."""
-        path = _result(job, job.video)
-        return FileResponse(path, media_type="video/mp4", filename=f"{job.id}.mp4")
+        _done(job)
+        response = files.response(job.id, job.video, "video/mp4", request.headers.get("range"), f"{job.id}.mp4")
+        if response is None:
+            raise Rejected(404, f"job {job.id} finished but {job.video} is missing on the server")
+        return response
 
     @app.get("/v1/jobs/{job_id}/manifest", responses={**_ERRORS, 409: {"model": Problem}}, tags=["results"])
     def job_manifest(job: ThisJob) -> JSONResponse:
         """The render manifest: shots, windows, seeds, settings, timings and versions."""
-        return JSONResponse(json.loads(_result(job, "manifest.json").read_text()))
+        _done(job)
+        data = files.read_bytes(job.id, "manifest.json")
+        if data is None:
+            raise Rejected(404, f"job {job.id} finished but manifest.json is missing on the server")
+        return JSONResponse(json.loads(data))
 
-    def _result(job: Job, relative: str) -> Path:
+    def _done(job: Job) -> None:
         if job.status != DONE:
             raise Rejected(409, f"job {job.id} is {job.status}; results exist once it is done")
-        path = options.jobs_dir / job.id / relative
-        if not path.is_file():
-            raise Rejected(404, f"job {job.id} finished but {relative} is missing on the server")
-        return path
 
     @app.get("/healthz", response_model=Health, tags=["service"])
     def healthz() -> JSONResponse:

@@ -36,6 +36,7 @@ def cmd_serve(args) -> int:
     import ray
     from ray import serve
 
+    from skyray.output.location import redact
     from skyray.serve import build_app
     from skyray.serve.options import OptionsError, ServeOptions
 
@@ -65,7 +66,7 @@ def cmd_serve(args) -> int:
     serve.start(http_options={"host": options.host, "port": options.port})
     serve.run(app, name="skyray", route_prefix="/")
     print(f"skyray serving {', '.join(options.models)} on http://{options.host}:{options.port} "
-          f"(OpenAPI at /openapi.json, job files in {options.jobs_dir}, job store {_store_name(options)}); Ctrl-C stops")
+          f"(OpenAPI at /openapi.json, job files in {redact(options.outputs_target)}, job store {_store_name(options)}); Ctrl-C stops")
     try:
         while True:
             time.sleep(3600)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from skyray.serve.files import JobFiles
 from skyray.serve.store import INTERRUPTED, QUEUED, STATES, JobStore
 
 log = logging.getLogger("skyray.serve")
@@ -34,7 +34,8 @@ MAX_SWEEP_S = 60.0
 class Dispatcher:
     def __init__(self, store: JobStore, renderers: dict[str, Any], slots: int, max_restarts: int,
                  metrics: dict[str, Any] | None = None, poll_s: float = 0.5, lease_s: float = 10.0,
-                 owner_limit: int | None = None, jobs_dir: Path | None = None, name: str | None = None) -> None:
+                 owner_limit: int | None = None, jobs_dir: Path | str | JobFiles | None = None,
+                 name: str | None = None) -> None:
         self.store = store
         self.renderers = renderers  # model -> DeploymentHandle of its Renderer
         self.slots = slots
@@ -43,7 +44,8 @@ class Dispatcher:
         self.poll_s = poll_s
         self.lease_s = lease_s
         self.owner_limit = owner_limit
-        self.jobs_dir = jobs_dir  # where job folders live, for retention (None: no sweeping)
+        # Where job folders live, for retention (None: no sweeping).
+        self.files = jobs_dir if jobs_dir is None or isinstance(jobs_dir, JobFiles) else JobFiles(jobs_dir)
         self.id = name or uuid.uuid4().hex
         self.in_flight: dict[str, dict[str, asyncio.Task]] = {m: {} for m in renderers}
         self._not_before: dict[str, float] = {}  # job id -> earliest re-dispatch after a renderer failure
@@ -99,15 +101,15 @@ class Dispatcher:
                 log.warning("queued again %d job(s) of an ingress replica that stopped: %s", len(released),
                             ", ".join(released))
         ttl = self.store.ttl_s
-        if self.jobs_dir is not None and ttl is not None and self._time_for("sweep", min(MAX_SWEEP_S, ttl / 4)):
+        if self.files is not None and ttl is not None and self._time_for("sweep", min(MAX_SWEEP_S, ttl / 4)):
             self.sweep()
 
     def sweep(self) -> list[str]:
         """Delete the files, then the rows, of finished jobs past their expiry."""
         expired = self.store.expire()
-        assert self.jobs_dir is not None
+        assert self.files is not None
         for job in expired:
-            shutil.rmtree(self.jobs_dir / job.id, ignore_errors=True)
+            self.files.delete(job.id)
         self.store.purge(expired)
         if expired:
             log.info("expired %d finished job(s)", len(expired))

@@ -15,6 +15,7 @@ from ray import serve
 
 from skyray.serve.auth import TokenAuth
 from skyray.serve.dispatcher import Dispatcher
+from skyray.serve.files import JobFiles
 from skyray.serve.options import ServeOptions
 from skyray.serve.store import JobStore
 
@@ -30,7 +31,8 @@ class IngressService:
                  metrics: dict[str, Any] | None = None, name: str | None = None) -> None:
         self.options = options
         self.auth = TokenAuth(token_hashes, options.insecure_no_auth)
-        options.jobs_dir.mkdir(parents=True, exist_ok=True)
+        options.jobs_dir.mkdir(parents=True, exist_ok=True)  # job files, or the staging of uploads for ``outputs``
+        self.files = JobFiles(options.outputs_target)
         self.store = JobStore(options.store_target, ttl_s=options.ttl_s)
         orphans = self.store.fail_unserved(tuple(renderers))
         if orphans:
@@ -38,7 +40,7 @@ class IngressService:
         self.metrics = metrics
         self.dispatcher = Dispatcher(self.store, renderers, options.max_replicas, options.max_restarts, metrics,
                                      lease_s=options.dispatcher_lease_s, owner_limit=options.quota_running or None,
-                                     jobs_dir=options.jobs_dir, name=name)
+                                     jobs_dir=self.files, name=name)
 
     def asgi_app(self):
         from skyray.serve.api import create_api

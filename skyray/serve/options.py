@@ -31,6 +31,10 @@ class ServeOptions:
     """torch device of the renderers (default: cuda when available)."""
     data_dir: str = "skyray-data"
     """Job outputs go to ``<data_dir>/jobs/<id>/``; must be shared by the ingress and every renderer replica."""
+    outputs: str | None = dataclasses.field(default=None, repr=False)
+    """Where job files live (uploaded inputs, shots, films, manifests): a folder or a ``pyarrow.fs`` URI
+    (``s3://KEY:SECRET@bucket/prefix?endpoint_override=...``) that the ingress and every renderer reach; default
+    ``<data_dir>/jobs``.  Shown only with its credentials removed."""
     job_db: str | None = None
     """SQLite job database (default ``<data_dir>/jobs.sqlite``); for one node only, never on a network filesystem."""
     database_url: str | None = dataclasses.field(default=None, repr=False)
@@ -126,6 +130,13 @@ class ServeOptions:
         return Path(self.data_dir).expanduser().resolve() / "jobs"
 
     @property
+    def outputs_target(self) -> str:
+        """The location of job folders: ``outputs`` (a URI as given, a folder made absolute) or ``jobs_dir``."""
+        if not self.outputs:
+            return str(self.jobs_dir)
+        return self.outputs if "://" in self.outputs else str(Path(self.outputs).expanduser().resolve())
+
+    @property
     def db_path(self) -> Path:
         return Path(self.job_db).expanduser().resolve() if self.job_db else self.jobs_dir.parent / "jobs.sqlite"
 
@@ -155,7 +166,8 @@ class ServeOptions:
 
     def for_replicas(self) -> ServeOptions:
         """These options with tokens removed (replicas get ``token_hashes``) and paths made absolute."""
-        return dataclasses.replace(self, tokens=(), data_dir=str(self.jobs_dir.parent), job_db=str(self.db_path))
+        return dataclasses.replace(self, tokens=(), data_dir=str(self.jobs_dir.parent), job_db=str(self.db_path),
+                                   outputs=self.outputs_target)
 
     @classmethod
     def from_env(cls, environ: typing.Mapping[str, str] | None = None, **overrides) -> ServeOptions:

@@ -1,7 +1,7 @@
 """The renderer: one Serve replica = one GPU group holding one warm model, rendering one job at a time.
 
 A job renders through the same path as ``skyray render``: ``storyboard_from_data`` -> ``compile_plan`` ->
-``render_film`` into ``<data_dir>/jobs/<id>/``.  Progress goes straight into the job store (window i of n, ETA,
+``render_film`` into ``<outputs>/<id>/`` (a folder or an object-store URI).  Progress goes straight into the job store (window i of n, ETA,
 a preview per window); ``should_stop`` reads the store, so a cancel or a newer attempt stops the render at the
 next window boundary.  Because ``render_film`` keeps finished shots and per-window checkpoints, running a job
 again in the same folder (after a replica or ingress restart) resumes it from its last finished window.
@@ -13,7 +13,9 @@ cheap next to a window's sampling.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import threading
 import time
 import traceback
@@ -23,6 +25,7 @@ from typing import Any
 
 from ray import serve
 
+from skyray.serve.files import JobFiles
 from skyray.serve.options import ServeOptions
 from skyray.serve.store import CANCELLED, DONE, FAILED, INTERRUPTED, RUNNING, STALE, JobStore
 from skyray.session import RenderSession, SessionConfig
@@ -84,14 +87,14 @@ class JobProgress:
             self.done[event["shot"]] = self.windows[event["shot"]]
 
 
-def run_job(store: JobStore, job_id: str, attempt: int, session: RenderSession, jobs_dir: Path,
+def run_job(store: JobStore, job_id: str, attempt: int, session: RenderSession, jobs_dir: Path | str | JobFiles,
             preview_size: int = 256, metrics: dict[str, Any] | None = None,
             stopping: Callable[[], bool] = lambda: False) -> str:
     """Render one attempt of a job; returns its final status ('done', 'failed', 'cancelled'), 'stale' (a newer
     attempt owns the job) or 'interrupted' (``stopping()``: this replica is shutting down; the job stays running
-    until the dispatcher, or a restarted ingress, queues it again)."""
+    until the dispatcher, or a restarted ingress, queues it again).  ``jobs_dir``: where job folders live (a
+    folder, a URI, or the app's ``JobFiles``)."""
     from skyray.plan import compile_plan
-    from skyray.render import RenderCancelled
     from skyray.storyboard import storyboard_from_data
 
     job = store.get(job_id)
@@ -100,13 +103,30 @@ def run_job(store: JobStore, job_id: str, attempt: int, session: RenderSession, 
     started = store.start(job_id, attempt)
     if started != RUNNING:
         return started
-    out = jobs_dir / job_id
-    try:
-        sb = storyboard_from_data(job.storyboard, out / "inputs", f"job {job_id}")
-        plan = compile_plan(sb)
-    except Exception as exc:  # the store outlived the inputs, or a new version validates differently
-        store.finish(job_id, attempt, FAILED, f"cannot plan the job: {exc}")
-        return FAILED
+    files = jobs_dir if isinstance(jobs_dir, JobFiles) else JobFiles(jobs_dir)
+    out = files.job_target(job_id)
+    with contextlib.ExitStack() as cleanup:
+        if files.remote:
+            # The storyboard checks its input files as local paths, and the render reads their bytes from there.
+            inputs = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=f"skyray-{job_id}-")))
+        else:
+            inputs = Path(out) / "inputs"
+        try:
+            if files.remote:
+                files.fetch(job_id, "inputs", inputs)
+            sb = storyboard_from_data(job.storyboard, inputs, f"job {job_id}")
+            plan = compile_plan(sb)
+        except Exception as exc:  # the store outlived the inputs, or a new version validates differently
+            store.finish(job_id, attempt, FAILED, f"cannot plan the job: {exc}")
+            return FAILED
+        return _render_job(store, job, attempt, session, out, sb, plan, preview_size, metrics, stopping)
+
+
+def _render_job(store: JobStore, job, attempt: int, session: RenderSession, out, sb, plan, preview_size: int,
+                metrics: dict[str, Any] | None, stopping: Callable[[], bool]) -> str:
+    from skyray.render import RenderCancelled
+
+    job_id = job.id
     try:
         # Shots asking for it get their prompts rewritten first, by an enhancer actor of its own (cached).
         sb, plan = session.prepare(sb, plan)
@@ -192,6 +212,7 @@ class Renderer:
                     f"{options.gpus_per_replica}: give the deployment ray_actor_options num_gpus: 1 "
                     "(a one-GPU replica renders on its own GPU), or set SKYRAY_GPUS_PER_REPLICA=0 to render on CPU")
         self.store = JobStore(options.store_target, ttl_s=options.ttl_s)
+        self.files = JobFiles(options.outputs_target)
         self._stopping = threading.Event()
         # Loaded once, reused by every job.
         self.session = replica_session(model, options.ranks_per_replica, options.gpus_per_replica > 0, options.device)
@@ -208,7 +229,7 @@ class Renderer:
             m.set_default_tags(tags)
 
     def render(self, job_id: str, attempt: int) -> str:
-        return run_job(self.store, job_id, attempt, self.session, self.options.jobs_dir, self.options.preview_size,
+        return run_job(self.store, job_id, attempt, self.session, self.files, self.options.preview_size,
                        self.metrics, self._stopping.is_set)
 
     def __del__(self) -> None:

@@ -22,7 +22,6 @@ import base64
 import json
 import math
 import re
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,11 +30,12 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
 from skyray.serve.admission import Admitted, Rejected, admit_film, admit_shot
+from skyray.serve.files import JobFiles
 from skyray.serve.schema import JOB_ID_PATTERN, JobAccepted, ShotRequest
 from skyray.serve.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job
 
@@ -244,7 +244,7 @@ def shot_request(fields: dict[str, Any], image: str | None = None, continue_from
         raise VideoError(400, f"{name}: {err['msg']}", PARAMS.get(name, name)) from None
 
 
-def _remix_request(source: Job, prompt: str, jobs_dir: Path) -> ShotRequest:
+def _remix_request(source: Job, prompt: str, jobs_dir: Path, files: JobFiles) -> ShotRequest:
     """The request that rendered a one-shot video, with a new prompt (its image read back from its inputs)."""
     film = source.storyboard
     shots = film.get("shots", [])
@@ -256,10 +256,17 @@ def _remix_request(source: Job, prompt: str, jobs_dir: Path) -> ShotRequest:
                             ("image", "end_image")}
     for name in ("image", "end_image"):
         if shot.get(name):
+            # Inputs are named relative to the job's inputs (older jobs: absolute paths into its folder).
             path = Path(shot[name])
-            if not path.is_relative_to(jobs_dir / source.id) or not path.is_file():
+            if path.is_absolute():
+                rel = path.relative_to(jobs_dir / source.id).as_posix() if path.is_relative_to(
+                    jobs_dir / source.id) else None
+            else:
+                rel = f"inputs/{path.name}"
+            data = files.read_bytes(source.id, rel) if rel else None
+            if data is None:
                 raise VideoError(409, f"video {source.id}: its {name} is no longer on the server", "video_id")
-            body[name] = base64.b64encode(path.read_bytes()).decode()
+            body[name] = base64.b64encode(data).decode()
     for name in ("model", "resolution", "fps", "title"):
         if film.get(name) is not None:
             body[name] = film[name]
@@ -273,7 +280,7 @@ def _remix_request(source: Job, prompt: str, jobs_dir: Path) -> ShotRequest:
 # --------------------------------------------------------------------------------------------------- views
 
 
-def _film_seconds(job: Job, job_dir: Path) -> str:
+def _film_seconds(job: Job, files: JobFiles) -> str:
     """The film's length: from its manifest once rendered, else from the storyboard on the frame grid."""
     from skyray.storyboard import snap_duration
 
@@ -281,9 +288,9 @@ def _film_seconds(job: Job, job_dir: Path) -> str:
     fps = int(film.get("fps", 24))
     if job.status == DONE:
         try:
-            manifest = json.loads((job_dir / "manifest.json").read_text())
+            manifest = json.loads(files.read_bytes(job.id, "manifest.json") or b"")
             return _fmt(manifest["film"]["frames"] / fps)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             pass
     frames = 0
     for shot in film.get("shots", []):
@@ -315,15 +322,14 @@ def _prompt_of(film: dict) -> str | None:
     return " / ".join(map(str, prompt)) if isinstance(prompt, list) else prompt
 
 
-def _sidecar(job_dir: Path) -> dict:
+def _sidecar(job: Job, files: JobFiles) -> dict:
     try:
-        return json.loads((job_dir / SIDECAR).read_text())
+        return json.loads(files.read_bytes(job.id, SIDECAR) or b"{}")
     except (OSError, ValueError):
         return {}
 
 
-def video_object(job: Job, jobs_dir: Path) -> dict:
-    job_dir = jobs_dir / job.id
+def video_object(job: Job, files: JobFiles) -> dict:
     status = STATUS[job.status]
     if job.status == DONE:
         progress = 100
@@ -340,8 +346,8 @@ def video_object(job: Job, jobs_dir: Path) -> dict:
         "id": job.id, "object": "video", "model": job.model, "status": status, "progress": progress,
         "created_at": int(job.created), "completed_at": int(job.finished) if job.finished and job.terminal else None,
         "expires_at": int(job.expires_at) if job.expires_at else None, "prompt": _prompt_of(job.storyboard),
-        "seconds": _film_seconds(job, job_dir), "size": _size_of(job.storyboard), "error": error,
-        "remixed_from_video_id": _sidecar(job_dir).get("remixed_from"),
+        "seconds": _film_seconds(job, files), "size": _size_of(job.storyboard), "error": error,
+        "remixed_from_video_id": _sidecar(job, files).get("remixed_from"),
     }
 
 
@@ -358,7 +364,7 @@ def _poll_after_ms(job: Job) -> int:
 def add_videos_api(app: FastAPI, service: "IngressService", accept: Accept) -> None:
     """Mount ``/v1/videos`` on ``app``; ``accept`` admits and queues a job as every other submitting route."""
     options, store = service.options, service.store
-    jobs_dir = options.jobs_dir
+    jobs_dir, files = options.jobs_dir, service.files
     router = APIRouter(prefix=PREFIX, tags=["videos (OpenAI)"], route_class=VideoRoute)
     app.add_middleware(OpenAIErrors)
 
@@ -384,7 +390,7 @@ def add_videos_api(app: FastAPI, service: "IngressService", accept: Accept) -> N
         accepted = await accept(who, build_and_note)
         job = store.get(accepted.id, who)
         assert job is not None
-        return JSONResponse(video_object(job, jobs_dir), 200, headers={"Location": f"{PREFIX}/{job.id}"})
+        return JSONResponse(video_object(job, files), 200, headers={"Location": f"{PREFIX}/{job.id}"})
 
     @router.post("", summary="Create a video")
     async def create_video(request: Request) -> JSONResponse:
@@ -445,8 +451,8 @@ def add_videos_api(app: FastAPI, service: "IngressService", accept: Accept) -> N
         if source.status != DONE:
             raise VideoError(409, f"video {source.id} is {STATUS[source.status]}; only a completed video can be "
                                   "remixed", "video_id")
-        req = await run_in_threadpool(_remix_request, source, prompt, jobs_dir)
-        return await submit(request, lambda job_id, job_dir: admit_shot(req, job_id, job_dir, options, None),
+        req = await run_in_threadpool(_remix_request, source, prompt, jobs_dir, files)
+        return await submit(request, lambda job_id, job_dir: admit_shot(req, job_id, job_dir, options, None, files),
                             {"remixed_from": source.id})
 
     @router.get("", summary="List videos")
@@ -461,7 +467,7 @@ def add_videos_api(app: FastAPI, service: "IngressService", accept: Accept) -> N
                 raise VideoError(400, f"after: no video {after!r} in this list", "after")
             jobs = jobs[ids.index(after) + 1:]
         page = jobs[:limit]
-        data = [video_object(j, jobs_dir) for j in page]
+        data = [video_object(j, files) for j in page]
         return JSONResponse({"object": "list", "data": data, "first_id": page[0].id if page else None,
                              "last_id": page[-1].id if page else None, "has_more": len(jobs) > limit})
 
@@ -469,7 +475,7 @@ def add_videos_api(app: FastAPI, service: "IngressService", accept: Accept) -> N
     def retrieve_video(request: Request, video_id: str) -> JSONResponse:
         job = video_of(request, video_id)
         headers = {} if job.terminal else {"openai-poll-after-ms": str(_poll_after_ms(job))}
-        return JSONResponse(video_object(job, jobs_dir), headers=headers)
+        return JSONResponse(video_object(job, files), headers=headers)
 
     @router.delete("/{video_id}", summary="Delete a video")
     async def delete_video(request: Request, video_id: str) -> JSONResponse:
@@ -481,7 +487,7 @@ def add_videos_api(app: FastAPI, service: "IngressService", accept: Accept) -> N
             if not job.terminal:
                 raise VideoError(409, f"video {job.id} is rendering; it is cancelled at its next window and can be "
                                       "deleted then", "video_id")
-        await run_in_threadpool(shutil.rmtree, jobs_dir / job.id, True)
+        await run_in_threadpool(files.delete, job.id)
         store.purge([job])
         return JSONResponse({"id": job.id, "object": "video.deleted", "deleted": True})
 
@@ -494,12 +500,15 @@ def add_videos_api(app: FastAPI, service: "IngressService", accept: Accept) -> N
         if job.status != DONE:
             raise VideoError(409, f"video {job.id} is {STATUS[job.status]}; its content exists once it is completed",
                              "video_id")
-        job_dir = jobs_dir / job.id
-        if variant == "video":
-            return FileResponse(_existing(job_dir / "film.mp4"), media_type="video/mp4", filename=f"{job.id}.mp4")
-        if variant == "spritesheet":
-            return FileResponse(_existing(job_dir / "contact_sheet.png"), media_type="image/png")
-        return FileResponse(await run_in_threadpool(thumbnail, job_dir), media_type="image/jpeg")
+        if variant == "thumbnail":
+            await run_in_threadpool(remote_thumbnail if files.remote else local_thumbnail, files, job.id)
+        rel, kind = {"video": ("film.mp4", "video/mp4"), "spritesheet": ("contact_sheet.png", "image/png"),
+                     "thumbnail": ("thumbnail.jpg", "image/jpeg")}[variant]
+        response = await run_in_threadpool(files.response, job.id, rel, kind, request.headers.get("range"),
+                                           f"{job.id}.mp4" if variant == "video" else None)
+        if response is None:
+            raise VideoError(404, f"{rel} is missing on the server", "video_id")
+        return response
 
     app.include_router(router)
 
@@ -508,6 +517,23 @@ def _existing(path: Path) -> Path:
     if not path.is_file():
         raise VideoError(404, f"{path.name} is missing on the server", "video_id")
     return path
+
+
+def local_thumbnail(files: JobFiles, job_id: str) -> None:
+    local = files.location.local_path(job_id)
+    assert local is not None
+    thumbnail(local)
+
+
+def remote_thumbnail(files: JobFiles, job_id: str) -> None:
+    """``thumbnail`` for a job whose files are in an object store: made from a local copy of the film, kept there."""
+    if files.size(job_id, "thumbnail.jpg") is not None:
+        return
+    try:
+        with files.local_file(job_id, "film.mp4") as film:
+            files.write_bytes(job_id, "thumbnail.jpg", thumbnail(film.parent).read_bytes())
+    except FileNotFoundError:
+        raise VideoError(404, "film.mp4 is missing on the server", "video_id") from None
 
 
 def thumbnail(job_dir: Path) -> Path:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from skyray.serve.admission import Rejected, admit_film
 from skyray.serve.schema import JOB_ID_PATTERN
@@ -117,55 +117,59 @@ def add_studio(app: FastAPI, service: "IngressService") -> None:
             raise Rejected(404, f"no job {job_id}")
         return job
 
-    def result(job, relative: str, when_done: bool = True) -> Path:
+    files = service.files
+
+    def result(request: Request, job, relative: str, kind: str, when_done: bool = True) -> Response:
+        """The job's file, from wherever job files live (Range requests honoured)."""
         if when_done and job.status != DONE:
             raise Rejected(409, f"job {job.id} is {job.status}; {relative} exists once it is done")
-        path = options.jobs_dir / job.id / relative
-        if not path.is_file():
+        response = files.response(job.id, relative, kind, request.headers.get("range"))
+        if response is None:
             raise Rejected(404, f"job {job.id} has no {relative} (yet)")
-        return path
+        return response
 
     JobId = PathParam(pattern=JOB_ID_PATTERN)
 
     @app.get("/v1/jobs/{job_id}/shots/{shot}", response_class=FileResponse, tags=["results"])
     def shot_clip(request: Request, job_id: str = JobId, shot: str = PathParam(pattern=SHOT_PATTERN)):
         """One shot's clip (mp4), as soon as that shot is done, while the rest of the film renders."""
-        return FileResponse(result(owned(request, job_id), f"shots/{shot}.mp4", when_done=False),
-                            media_type="video/mp4")
+        return result(request, owned(request, job_id), f"shots/{shot}.mp4", "video/mp4", when_done=False)
 
     @app.get("/v1/jobs/{job_id}/contact_sheet", response_class=FileResponse, tags=["results"])
     def contact_sheet(request: Request, job_id: str = JobId):
         """A grid of frames of every shot (PNG)."""
-        return FileResponse(result(owned(request, job_id), "contact_sheet.png"), media_type="image/png")
+        return result(request, owned(request, job_id), "contact_sheet.png", "image/png")
 
     @app.get("/v1/jobs/{job_id}/thumbnail", response_class=FileResponse, tags=["results"])
     async def job_thumbnail(request: Request, job_id: str = JobId):
         """The film's first frame (JPEG)."""
-        from skyray.serve.videos import thumbnail
+        from skyray.serve.videos import local_thumbnail, remote_thumbnail
 
         job = owned(request, job_id)
-        result(job, "film.mp4")
-        return FileResponse(await run_in_threadpool(thumbnail, options.jobs_dir / job.id), media_type="image/jpeg")
+        if job.status != DONE or files.size(job.id, "film.mp4") is None:
+            result(request, job, "film.mp4", "video/mp4")  # says why not
+        await run_in_threadpool(remote_thumbnail if files.remote else local_thumbnail, files, job.id)
+        return result(request, job, "thumbnail.jpg", "image/jpeg")
 
     @app.post("/v1/jobs/{job_id}/media", tags=["results"])
     def media_urls(request: Request, job_id: str = JobId) -> JSONResponse:
         """Signed URLs, valid ``MEDIA_TTL_S`` seconds, of the job's film, contact sheet and finished shots."""
         job = owned(request, job_id)
         expires = int(time.time()) + MEDIA_TTL_S
-        root = options.jobs_dir / job.id
 
         def url(rel: str) -> str:
             path = f"{job.id}/{rel}"
             return f"/media/{path}?exp={expires}&sig={sign(key, path, expires)}"
 
-        shots = {p.stem: url(f"shots/{p.name}") for p in sorted((root / "shots").glob("*.mp4"))}
+        shots = {name[:-4]: url(f"shots/{name}") for name in files.location.list(f"{job.id}/shots")
+                 if name.endswith(".mp4")}
         body = {"expires_at": expires, "shots": shots,
-                "video": url("film.mp4") if job.status == DONE and (root / "film.mp4").is_file() else None,
+                "video": url("film.mp4") if job.status == DONE and files.size(job.id, "film.mp4") else None,
                 "contact_sheet": url("contact_sheet.png") if job.status == DONE else None}
         return JSONResponse(body)
 
     @app.get("/media/{job_id}/{rel:path}", include_in_schema=False)
-    def media(job_id: str, rel: str, exp: int = 0, sig: str = "") -> FileResponse:
+    def media(request: Request, job_id: str, rel: str, exp: int = 0, sig: str = "") -> Response:
         path = f"{job_id}/{rel}"
         if not re.fullmatch(JOB_ID_PATTERN, job_id) or not re.fullmatch(r"(shots/[A-Za-z0-9_.-]+\.mp4|film\.mp4|"
                                                                          r"contact_sheet\.png)", rel):
@@ -174,8 +178,9 @@ def add_studio(app: FastAPI, service: "IngressService") -> None:
             raise Rejected(403, "bad media signature")
         if exp < time.time():
             raise Rejected(403, "this media URL has expired; ask for a new one")
-        file = options.jobs_dir / path
-        if not file.is_file():
-            raise Rejected(404, "no such media")
         kind = "image/png" if rel.endswith(".png") else "video/mp4"
-        return FileResponse(file, media_type=kind, headers={"Cache-Control": "private, max-age=60"})
+        response = files.response(job_id, rel, kind, request.headers.get("range"),
+                                  headers={"Cache-Control": "private, max-age=60"})
+        if response is None:
+            raise Rejected(404, "no such media")
+        return response
