@@ -213,8 +213,7 @@ def create_api(service: "Ingress") -> FastAPI:
             return enqueue(who, admitted)
         except BaseException:
             await run_in_threadpool(_remove_tree, job_dir)
-            if files.remote:
-                await run_in_threadpool(files.delete, job_id)
+            await run_in_threadpool(files.delete, job_id)  # whatever was published before the failure
             raise
 
     async def admit(who: str, build) -> JSONResponse:
