@@ -9,7 +9,6 @@ import base64
 import dataclasses
 import io
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -32,35 +31,11 @@ def png(size: int = 32, color=(40, 160, 220)) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def moto_uri(tmp_path_factory) -> Iterator[str]:
-    """An S3 URI on a moto server of this module's own.  (Under the Serve replicas, uploads to the session's
-    ``s3_server`` failed every CompleteMultipartUpload with an empty 200 body, for reasons not yet found; this
-    one, whose bucket the app creates, does not.)"""
-    import shutil
-    import socket
-    import subprocess
-    import sys
-
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115 - open while the server runs
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
-    uri = (f"s3://test:{SECRET}@serve-jobs/cluster/jobs?endpoint_override=127.0.0.1:{port}&scheme=http"
-           "&region=us-east-1&allow_bucket_creation=true")
-    deadline = time.monotonic() + 60
-    while True:  # listening; no S3 client in this process before the app's first upload (see above)
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline and proc.poll() is None, "moto_server did not start"
-            time.sleep(0.3)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+def moto_uri(s3_server) -> str:
+    """An S3 URI on the session's moto server (this venv's moto: an older one on PATH answered every
+    CompleteMultipartUpload with an empty 200 body)."""
+    _, make_uri = s3_server
+    return make_uri("serve-jobs", "cluster/jobs", SECRET)
 
 
 @pytest.fixture(scope="module")
