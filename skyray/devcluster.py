@@ -69,9 +69,24 @@ class Cluster:
         self.wait_nodes()
 
     def kill_worker(self, name: str) -> None:
-        """A node loss: its raylet, its workers and its objects go at once (SIGKILL to the whole process group)."""
+        """A node loss: its raylet, its workers and its objects go at once.  Every process of the node lives in
+        its mount namespace, whatever process group or session Ray gave it: SIGKILL them all."""
         proc = self.workers.pop(name)
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            ns = os.readlink(f"/proc/{proc.pid}/ns/mnt")
+        except OSError:
+            ns = None
+        if ns is not None and ns != os.readlink("/proc/self/ns/mnt"):
+            for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+                try:
+                    if os.readlink(f"/proc/{pid}/ns/mnt") == ns:
+                        os.kill(pid, signal.SIGKILL)
+                except OSError:  # gone already, or not ours to read
+                    pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait(timeout=30)
 
     def alive_nodes(self) -> int:
