@@ -356,15 +356,19 @@ class FilmRender:
         sid = st.plan.id
         if not self.sched.shots[sid].opened:  # every window was checkpointed by an interrupted run
             self._open(st)
-        try:
-            res = self.ex.finish_shot(st.chain, sid, keep_state=bool(st.children))
-        except WriterLost as err:
-            self.emit({"type": "writer_lost", "chain": err.chain, "error": str(err.cause).splitlines()[0]})
-            for chain in self.ex.restart_writer(st.chain):
-                for t in self.sched.open_shots():
-                    if self.shots[t.id].chain == chain:
-                        self._open(self.shots[t.id])
-            res = self.ex.finish_shot(st.chain, sid, keep_state=bool(st.children))
+        for attempt in range(MAX_RETRIES + 2):
+            try:
+                res = self.ex.finish_shot(st.chain, sid, keep_state=bool(st.children))
+                break
+            except WriterLost as err:
+                # The replacement may land on a node that is going too: replace it again, a bounded number of times.
+                if attempt == MAX_RETRIES + 1:
+                    raise RenderFailed(f"shot {sid!r}: its writer was lost {attempt + 1} times: {err.cause}") from err
+                self.emit({"type": "writer_lost", "chain": err.chain, "error": str(err.cause).splitlines()[0]})
+                for chain in self.ex.restart_writer(st.chain):
+                    for t in self.sched.open_shots():
+                        if self.shots[t.id].chain == chain:
+                            self._open(self.shots[t.id])
         if res.frames != st.plan.frames:
             raise RenderFailed(f"shot {sid!r} decoded to {res.frames} frames, the plan says {st.plan.frames}")
         self.loc.write_bytes(f"shots/{sid}.mp4", res.clip)
