@@ -22,8 +22,9 @@ replicas).  Each job is claimed by one dispatcher; a dispatcher whose heartbeat 
 jobs queued again by another; a renderer call that dies re-queues its job; each re-dispatch is a new *attempt*
 that supersedes older ones; and ``render_film`` run again in the job's folder reuses finished shots and resumes
 the running one from its last window checkpoint.  Finished jobs expire after ``job_ttl_s`` (files and rows).
-The data directory must be one filesystem shared by the ingress replicas and every renderer; an object-store
-location (``s3://``) for job files is not implemented yet.
+Job files (uploaded inputs, a continuation's parent shots, the outputs) live in ``SKYRAY_OUTPUTS``: the local
+data directory by default (then shared by the ingress replicas and every renderer), or an object-store URI
+(``s3://...``) that every node reaches, read and written through ``skyray.output.location`` (``serve/files.py``).
 
 ``app`` is built on first access from ``SKYRAY_*`` environment variables (see :class:`ServeOptions`), so
 importing this package starts nothing and needs no token; ``build_app(options)`` builds one explicitly.
