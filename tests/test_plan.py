@@ -142,4 +142,4 @@ def test_demo_film(folder: Path) -> None:
     assert len(set(w.prompt for w in plan.shot("opening").windows)) == 2
     assert plan.shot("drift").continues == "opening" and plan.shot("cut").fade_in == 0.25
     assert [c.shot_ids for c in plan.chains] == [("opening", "drift"), ("cut",)]
-    assert plan.frames == 50 and all(s.sampling.steps == 4 for s in plan.shots)
+    assert plan.frames == 50 and all(s.sampling.steps == 10 for s in plan.shots)

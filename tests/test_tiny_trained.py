@@ -105,3 +105,21 @@ def test_the_training_script_writes_a_loadable_model(tmp_path):
     assert c.vae.config.latents_std == log["latents_std"]
     frames = render_chain(c, [RIGHT], seed=0).frames
     assert frames.shape == (17, 64, 64, 3)
+
+
+def test_the_latent_code_and_the_object_weights_follow_the_scene():
+    from skyray.training import scenes, train
+
+    scene = scenes.Scene("red", "square", "black", "right", x=8.0, y=8.0)  # the square covers pixels 0..15
+    frames, _ = scenes.render_clip(scene, 5)
+    x = train.to_tensor(frames).unsqueeze(0)
+    code = train.pooled_target(x)
+    assert code.shape == (1, 16, 2, 8, 8)
+    assert torch.count_nonzero(code[:, 12:]) == 0  # four unused channels
+    # Frame 0, red channel: the 8x8 cells the square covers are red, the rest the background.
+    red = (code[0, 0, 0] / 2 + 1) * 127.5
+    assert red[:2, :2].min() > 200 and red[2:, :].max() < 20
+    w = train.object_weight(x, 4.0)
+    assert w.shape == (1, 1, 5, 64, 64)
+    assert set(torch.unique(w).tolist()) == {1.0, 5.0}
+    assert w[0, 0, 0, :16, :16].eq(5.0).float().mean() > 0.9 and w[0, 0, 0, 32:, 32:].eq(1.0).all()
