@@ -186,11 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
-    m = sub.add_parser("model", help="model utilities")
-    m.add_argument("action", choices=["export", "info"])
-    m.add_argument("model", help="'tiny', a diffusers folder or a hub id")
-    m.add_argument("dir", nargs="?", help="output folder (export)")
-    m.set_defaults(func=cmd_model)
+    m = sub.add_parser("model", help="model utilities").add_subparsers(dest="action", required=True)
+    ex = m.add_parser("export", help="write a model as a diffusers folder")
+    ex.add_argument("model", help="'tiny', 'tiny-trained', a diffusers folder or a hub id")
+    ex.add_argument("dir", help="output folder")
+    ex.set_defaults(func=cmd_model)
+    info = m.add_parser("info", help="print a model's family and size (reads no weights)")
+    info.add_argument("model", help="'tiny', 'tiny-trained', a diffusers folder or a hub id")
+    info.set_defaults(func=cmd_model)
+    from skyray.training import build
+
+    tt = m.add_parser("train-tiny", help="train the tiny-trained model on procedural scenes (CPU, ~30 min)",
+                      description=build.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    build.add_arguments(tt)
+    tt.set_defaults(func=build.run)
 
     from skyray.enhance import add_enhance_parser
 

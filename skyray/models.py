@@ -18,7 +18,7 @@ REQUIRED_PARTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler"
 HUB_PREFIX = "Skywork/"
 TINY = "tiny"
 TINY_SEED = 20250601
-# A small model trained on procedural scenes (tools/train_tiny.py), shipped as package data: the demo model.
+# A small model trained on procedural scenes (skyray model train-tiny), shipped as package data: the demo model.
 TINY_TRAINED = "tiny-trained"
 TINY_TRAINED_DIR = Path(__file__).resolve().parent / "assets" / "tiny_trained"
 # Character-level vocabulary for the tiny tokenizer: any prompt maps to real tokens, none to <unk> only.

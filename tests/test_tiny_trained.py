@@ -83,19 +83,16 @@ def test_renders_are_seeded(trained):
 
 
 @pytest.mark.slow
-def test_the_training_script_writes_a_loadable_model(tmp_path):
-    import importlib.util
+def test_the_training_command_writes_a_loadable_model(tmp_path):
     import json
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("train_tiny", Path(__file__).parent.parent / "tools" / "train_tiny.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from skyray.cli import main
+
     out = tmp_path / "model"
     threads = torch.get_num_threads()
     try:
-        assert tool.main(["--out", str(out), "--threads", "1", "--vae-steps", "2", "--steps", "2", "--clips", "4",
-                          "--batch", "2", "--vae-images", "1", "--clip-latents", "6"]) == 0
+        assert main(["model", "train-tiny", "--out", str(out), "--threads", "1", "--vae-steps", "2", "--steps", "2",
+                     "--clips", "4", "--batch", "2", "--vae-images", "1", "--clip-latents", "6"]) == 0
     finally:
         torch.set_num_threads(threads)
     log = json.loads((out / "training.json").read_text())

@@ -1,5 +1,5 @@
 """Training the ``tiny-trained`` model: procedural scenes, their captions, and the training loops.
 
 Nothing here runs during a render; the renderer only loads the weights this package produced
-(``skyray/assets/tiny_trained``, see ``tools/train_tiny.py``).
+(``skyray/assets/tiny_trained``, see ``skyray model train-tiny``, ``build.py``).
 """

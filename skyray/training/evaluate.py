@@ -1,6 +1,6 @@
 """Render synthetic-scene chains through the real sampler and measure them with ``skyray.quality``.
 
-Used by the model card's figures (``tools/train_tiny.py --evaluate``), the quality regression test and the
+Used by the model card's figures (``skyray model train-tiny --evaluate``), the quality regression test and the
 hand-off bench. A chain is a run of windows of one shot, each window handing its last latents to the next:
 
 - ``latent`` hand-off (skyray): the tail latents themselves are the next window's clean prefix; the film is
