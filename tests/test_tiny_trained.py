@@ -120,3 +120,8 @@ def test_the_latent_code_and_the_object_weights_follow_the_scene():
     assert w.shape == (1, 1, 5, 64, 64)
     assert set(torch.unique(w).tolist()) == {1.0, 5.0}
     assert w[0, 0, 0, :16, :16].eq(5.0).float().mean() > 0.9 and w[0, 0, 0, 32:, 32:].eq(1.0).all()
+    # The flow loss's cell weights: the object's cells and their neighbours, in model space.
+    cells = train.latent_object_weight(code, 4.0)
+    assert cells.shape == (1, 1, 2, 8, 8)
+    assert cells[0, 0, 0, :3, :3].eq(5.0).all() and cells[0, 0, 0, 4:, 4:].eq(1.0).all()
+    assert train.latent_object_weight(code, 0.0).eq(1.0).all()

@@ -33,6 +33,7 @@ class TrainConfig:
     ema: float = 0.99
     sigma_shift: float = 3.0  # training noise levels u ~ U(0, 1) shifted like the sampler's flow shift
     caption_dropout: float = 0.1
+    patch: int = 2  # the transformer's spatial patch (``architecture``)
     flow_object_weight: float = 0.0  # extra flow-loss weight of latent cells at and next to the object
     prefix_sigma_max: float = 0.05  # addnoise_condition up to 50
     mode_weights: tuple[float, float, float] = (0.55, 0.15, 0.3)  # continuation, fresh, diffusion forcing
@@ -40,11 +41,16 @@ class TrainConfig:
     window_weights: tuple[float, ...] = (0.7, 0.15, 0.15)
 
 
-def architecture() -> dict[str, dict[str, Any]]:
-    """The tiny-trained architecture: the tiny model a little wider and deeper (weights of a few MB)."""
+def architecture(patch: int = 2) -> dict[str, dict[str, Any]]:
+    """The tiny-trained architecture: the tiny model a little wider and deeper (weights of a few MB).
+
+    ``patch``: the transformer's spatial patch, in latent cells. The object moves a quarter cell per frame; with
+    2x2 patches each token must encode where inside it the object is, with 1x1 the positions are the tokens'
+    own (4x the tokens, about 3x the training time).
+    """
     return {
         "transformer": dict(
-            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
+            patch_size=(1, patch, patch), num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
             text_dim=32, freq_dim=256, ffn_dim=256, num_layers=4, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", rope_max_seq_len=32, inject_sample_info=True,
         ),

@@ -88,8 +88,17 @@ def render_chain(
 
 def window_adherence(chain: Chain) -> list[float]:
     """Adherence score of each window's frames to that window's prompt."""
+    return [a.score for a in window_checks(chain)]
+
+
+def window_checks(chain: Chain) -> list[quality.Adherence]:
+    """Each window's frames checked against that window's prompt (colour, background, direction)."""
     bounds = [0, *np.cumsum(chain.window_frames)]
-    return [quality.adherence(chain.frames[lo:hi], p).score for lo, hi, p in zip(bounds, bounds[1:], chain.prompts)]
+    return [quality.adherence(chain.frames[lo:hi], p) for lo, hi, p in zip(bounds, bounds[1:], chain.prompts)]
+
+
+def _rate(checks: Sequence[quality.Adherence], attribute: str) -> float:
+    return float(np.mean([c.matches[attribute] for c in checks]))
 
 
 EVAL_PROMPTS = [
@@ -112,18 +121,23 @@ def evaluate(model: str, seeds: Sequence[int] = (0, 1), long_windows: int = 16) 
     for seed in seeds:
         for prompt in EVAL_PROMPTS:
             chain = render_chain(comps, [prompt, prompt], seed=seed)
-            fresh.extend(window_adherence(chain))
+            fresh.extend(window_checks(chain))
             seams.append(quality.seam_score(chain.frames, chain.joins).worst)
             d = quality.parse_caption(prompt)["direction"]
             turned = prompt.replace(f"moving {d}", f"moving {TURNS[d]}")
             chain = render_chain(comps, [prompt, turned], seed=seed)
-            travel.append(window_adherence(chain)[1])
+            travel.append(window_checks(chain)[1])
             travel_seams.append(quality.seam_score(chain.frames, chain.joins).worst)
     long = render_chain(comps, [EVAL_PROMPTS[0]] * long_windows, seed=0)
     dr = quality.drift(long.frames, long.window_frames)
     return {
-        "adherence": float(np.mean(fresh)),
-        "travel_adherence": float(np.mean(travel)),
+        "adherence": float(np.mean([c.score for c in fresh])),
+        "travel_adherence": float(np.mean([c.score for c in travel])),
+        # The parts of adherence: a model can get colours and backgrounds right and its motion wrong.
+        "colour": _rate(fresh, "colour"),
+        "background": _rate(fresh, "background"),
+        "direction": _rate(fresh, "direction"),
+        "travel_direction": _rate(travel, "direction"),
         "seam_worst_median": float(np.median(seams)),
         "travel_seam_worst_median": float(np.median(travel_seams)),
         f"long{long_windows}_adherence": float(np.mean(window_adherence(long))),

@@ -289,7 +289,7 @@ def train_transformer(
     from diffusers import SkyReelsV2Transformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    arch = architecture()
+    arch = architecture(cfg.patch)
     torch.manual_seed(cfg.seed + 2)
     rng = np.random.default_rng(cfg.seed + 2)
     tokenizer = scene_tokenizer()
